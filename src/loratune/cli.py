@@ -1,0 +1,368 @@
+"""The ``loratune`` command: a thin shell over the Python API.
+
+Same flag, same meaning on every command (``--config``, ``--model``, ``--train``, ``--adapter``, ...).
+Exit codes: 0 ok, 2 bad input or usage (one line naming the file/line or flag), 1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .config import Config, load_config, parse_set_options, validate
+from .errors import LoratuneError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Teach a small language model to classify text with LoRA, and measure what it learned.",
+)
+
+# Shared options: one declaration each, so every command spells and documents them the same way.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: hub id, local path, or 'tiny' (random weights, offline).")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq.")]
+TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
+ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation file; 'none' splits it from --train.")]
+TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
+TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
+LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
+LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Label set in prompt order, comma-separated.")]
+MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
+
+
+def _config(config: Path | None, sets: list[str] | None, **flags) -> Config:
+    """Defaults < --config file < --set < explicit flags."""
+    overrides = parse_set_options(sets)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(config, overrides)
+
+
+def _data_flags(model, family, train, val, test, text_field, label_field, labels, multi_label) -> dict:
+    return {"model.name": model, "model.family": family, "data.train": train, "data.val": val,
+            "data.test": test, "data.text_field": text_field, "data.label_field": label_field,
+            "data.labels": labels, "data.multi_label": multi_label}
+
+
+def _quiet_libraries() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ticket", dynamic_ncols=True, file=sys.stderr)
+
+
+@app.command()
+def inspect(
+    config: ConfigOpt = None, model: ModelOpt = None, family: FamilyOpt = None, train: TrainOpt = None,
+    val: ValOpt = None, text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None,
+    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, seed: SeedOpt = None,
+    examples: Annotated[int, typer.Option("--examples", "-n", help="Formatted prompt/target pairs to show.")] = 3,
+    json_out: JsonOpt = False, sets: SetOpt = None,
+):
+    """Label counts, token-length percentiles, truncation and sample prompts for a dataset."""
+    from .inspect_data import inspect_dataset, render
+
+    cfg = _config(config, sets, **_data_flags(model, family, train, val, None, text_field, label_field, labels,
+                                             multi_label), **{"train.seed": seed})
+    validate(cfg)
+    _quiet_libraries()
+    report = inspect_dataset(cfg, n_examples=examples)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        render(report)
+
+
+@app.command("train")
+def train_cmd(
+    config: ConfigOpt = None, model: ModelOpt = None, family: FamilyOpt = None, train: TrainOpt = None,
+    val: ValOpt = None, text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None,
+    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, output_dir: OutputOpt = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
+    batch_size: BatchOpt = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")] = None,
+    lora_alpha: Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha (scale = alpha/r).")] = None,
+    seed: SeedOpt = None,
+    save_steps: Annotated[Optional[int], typer.Option("--save-steps", help="Checkpoint every N steps.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output-dir.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an unfinished run.")] = False,
+    json_out: JsonOpt = False, sets: SetOpt = None,
+):
+    """Train a LoRA adapter; the best one (by validation accuracy) goes to OUTPUT_DIR/final."""
+    from .train import train as run_train
+
+    cfg = _config(config, sets, **_data_flags(model, family, train, val, None, text_field, label_field, labels,
+                                             multi_label),
+                  **{"train.output_dir": output_dir, "train.epochs": epochs, "train.max_steps": max_steps,
+                     "train.batch_size": batch_size, "train.lr": lr, "lora.r": lora_r, "lora.alpha": lora_alpha,
+                     "train.seed": seed, "train.save_steps": save_steps})
+    validate(cfg, training=True)
+    _quiet_libraries()
+    result = run_train(cfg, resume=resume, overwrite=overwrite,
+                       echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print)
+    if json_out:
+        print(json.dumps({"adapter": str(result.adapter_dir), "interrupted": result.interrupted,
+                          "metrics": result.metrics}, indent=2))
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None, base_override: str | None = None):
+    """An adapter (its base from its metadata unless --model overrides it), or the base model alone."""
+    from .predict import Classifier
+
+    mode = mode or cfg.predict.mode
+    if adapter is not None:
+        return Classifier.from_pretrained(adapter, mode=mode, base_model=base_override,
+                                          batch_size=cfg.predict.batch_size, merge=cfg.predict.merge,
+                                          max_new_tokens=cfg.predict.max_new_tokens)
+    return Classifier.from_pretrained(cfg.model.name, mode=mode, labels=cfg.data.labels, task=cfg.prompt.task,
+                                      input_name=cfg.prompt.input_name, batch_size=cfg.predict.batch_size,
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision)
+
+
+def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
+    """Texts from the argument, a file (JSONL/CSV with --text-field, or plain lines) or stdin."""
+    if text is not None and input_path is not None:
+        raise LoratuneError("give either a TEXT argument or --input FILE, not both")
+    if text is not None and text != "-":
+        return [text]
+    if input_path is None:
+        if sys.stdin.isatty() and text != "-":
+            raise LoratuneError("nothing to classify: pass TEXT, --input FILE, or pipe lines on stdin")
+        return [line.strip() for line in sys.stdin if line.strip()]
+    from .data import read_texts
+
+    return read_texts(input_path, cfg.data.text_field)
+
+
+@app.command()
+def predict(
+    text: Annotated[Optional[str], typer.Argument(help="Text to classify ('-' reads lines from stdin).")] = None,
+    input_path: Annotated[Optional[Path], typer.Option("--input", help="File of texts: .jsonl/.csv (--text-field) or plain lines.")] = None,
+    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, labels: LabelsOpt = None,
+    text_field: TextFieldOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Show the K most likely labels (score mode).")] = 1,
+    json_out: JsonOpt = False, sets: SetOpt = None,
+):
+    """Classify text with an adapter (or a base model prompted alone)."""
+    cfg = _config(config, sets, **{"model.name": model, "data.labels": labels, "data.text_field": text_field,
+                                   "predict.mode": mode, "predict.batch_size": batch_size})
+    validate(cfg)
+    if top_k < 1:
+        raise LoratuneError("--top-k must be at least 1")
+    texts = _read_inputs(text, input_path, cfg)
+    if not texts:
+        raise LoratuneError("nothing to classify: the input is empty")
+    _quiet_libraries()
+    clf = _load_classifier(adapter, cfg, base_override=model)
+    bar = _progress(len(texts), "predict") if len(texts) > clf.batch_size else None
+    predictions = clf.predict(texts, progress=bar.update if bar else None)
+    if bar:
+        bar.close()
+    if json_out:
+        for t, p in zip(texts, predictions):
+            scores = p.scores
+            if scores is not None and top_k < len(scores):
+                scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[:top_k])
+            print(json.dumps({"text": t, "label": p.label, "scores": scores, "raw": p.raw}, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("text", "label", "top scores" if clf.mode == "score" else "raw output")
+    for t, p in zip(texts, predictions):
+        if p.scores is not None:
+            best = sorted(p.scores.items(), key=lambda kv: -kv[1])[:top_k]
+            detail = ", ".join(f"{label} {prob:.3f}" for label, prob in best)
+        else:
+            detail = p.raw or ""
+        table.add_row(t if len(t) <= 80 else t[:77] + "...", p.label, detail)
+    Console().print(table)
+
+
+def _eval_examples(cfg: Config, labels):
+    from .data import load_eval_examples
+
+    path = cfg.data.test or cfg.data.val
+    if not path:
+        raise LoratuneError("no evaluation data: pass --test FILE")
+    return path, load_eval_examples(path, cfg.data, labels)
+
+
+def _modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if mode is None or mode == "both":
+        return default
+    if mode not in ("score", "generate"):
+        raise LoratuneError(f"--mode must be score, generate or both, got {mode!r}")
+    return (mode,)
+
+
+def _print_summary(report: dict, out_dir: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", "tickets/s",
+                  title=f"{report['dataset']} ({report['n']} examples)")
+    for r in report["results"]:
+        table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
+                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", f"{r['tickets_per_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if out_dir is not None:
+        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def _run_eval(models: list[tuple[str, object]], examples, modes, dataset: str, labels) -> dict:
+    from .evaluate import build_report
+    from .evaluate import evaluate as run_evaluate
+
+    results = []
+    for mode in modes:
+        for name, clf in models:
+            bar = _progress(len(examples), f"{name} {mode}")
+            results.append(run_evaluate(clf, examples, mode=mode, name=name, progress=bar.update))
+            bar.close()
+    return build_report(results, examples, dataset, labels)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
+    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, labels: LabelsOpt = None,
+    mode: ModeOpt = None, batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False,
+    sets: SetOpt = None,
+):
+    """Metrics for one model (adapter, or base model prompted alone) on a labelled file."""
+    from .evaluate import write_report
+
+    cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
+                                   "data.label_field": label_field, "data.labels": labels,
+                                   "predict.batch_size": batch_size})
+    validate(cfg)
+    modes = _modes(mode, (cfg.predict.mode,))
+    _quiet_libraries()
+    clf = _load_classifier(adapter, cfg, modes[0], base_override=model)
+    path, examples = _eval_examples(cfg, clf.labels)
+    name = "adapter" if adapter else "base"
+    report = _run_eval([(name, clf)], examples, modes, path, clf.labels)
+    out = Path(output_dir or "outputs/evaluate")
+    write_report(report, out)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_summary(report, out)
+
+
+@app.command()
+def compare(
+    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
+    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, mode: ModeOpt = None,
+    batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
+):
+    """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements."""
+    if adapter is None:
+        adapter = Path(load_config(config).train.output_dir) / "final"
+    cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
+                                   "data.label_field": label_field, "predict.batch_size": batch_size})
+    validate(cfg)
+    modes = _modes(mode, ("score", "generate"))
+    _quiet_libraries()
+    report, out = run_compare(adapter, cfg, modes, Path(output_dir or "outputs/report"), base_override=model)
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_summary(report, out)
+
+
+def run_compare(adapter: Path, cfg: Config, modes, out: Path, base_override: str | None = None) -> tuple[dict, Path]:
+    """Evaluate base alone and base + adapter on the same prompts, write the report, return (report, dir)."""
+    from .evaluate import write_report
+    from .predict import Classifier
+
+    tuned = _load_classifier(adapter, cfg, modes[0], base_override)
+    meta = tuned.metadata
+    base_name = base_override or meta["base_model"]
+    base = Classifier.from_pretrained(base_name, mode=modes[0], labels=tuned.labels, task=tuned.task,
+                                      input_name=tuned.input_name, batch_size=tuned.batch_size,
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"))
+    path, examples = _eval_examples(cfg, tuned.labels)
+    report = _run_eval([("base", base), ("adapter", tuned)], examples, modes, path, tuned.labels)
+    report["base_model"] = meta.get("base_model_requested", base_name)
+    report["adapter"] = str(adapter)
+    write_report(report, out)
+    return report, out
+
+
+@app.command()
+def demo(
+    model: ModelOpt = None, config: ConfigOpt = None, output_dir: OutputOpt = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
+    sets: SetOpt = None,
+):
+    """The main job on the shipped data: inspect -> train -> compare -> sample predictions."""
+    from .inspect_data import inspect_dataset, render
+    from .train import train as run_train
+
+    out_root = Path(output_dir or "outputs/demo")
+    cfg = _config(config, sets, **{"model.name": model, "train.output_dir": str(out_root / "lora"),
+                                   "train.epochs": epochs, "train.max_steps": max_steps})
+    validate(cfg, training=True)
+    _quiet_libraries()
+    print("== 1/4 inspect the data")
+    render(inspect_dataset(cfg, n_examples=1))
+    print("\n== 2/4 train a LoRA adapter")
+    result = run_train(cfg, overwrite=True)
+    if result.interrupted:
+        raise typer.Exit(130)
+    print("\n== 3/4 compare the base model with base + adapter")
+    report, report_dir = run_compare(result.adapter_dir, cfg, ("score", "generate"), out_root / "report")
+    _print_summary(report, report_dir)
+    print("\n== 4/4 sample predictions")
+    from .predict import Classifier
+
+    clf = Classifier.from_pretrained(result.adapter_dir)
+    samples = ["I was charged twice for my subscription.", "The app crashes every time I open settings.",
+               "Where is my parcel? Tracking hasn't moved in a week."]
+    for text, p in zip(samples, clf.predict(samples)):
+        print(f"  {p.label:<10} {p.scores[p.label]:.2f}  {text}")
+    print(f"\nadapter: {result.adapter_dir}\nreport:  {report_dir / 'report.md'}")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; usage errors exit 2; anything else keeps its traceback."""
+    try:
+        app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
+    except LoratuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""The whole run configuration as typed dataclasses: defaults, YAML loading, ``key=value`` overrides, validation.
+
+Precedence, lowest first: dataclass defaults < ``--config FILE`` < CLI flags / ``--set section.key=value``.
+:func:`validate` reports every problem at once, then the run stops before anything is loaded or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LoratuneError
+from .prompt import DEFAULT_INPUT_NAME, DEFAULT_LABELS, DEFAULT_TASK
+
+DEFAULT_MODEL = "google/flan-t5-small"
+FAMILIES = ("auto", "seq2seq", "causal", "encoder")
+MODES = ("score", "generate")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    """Hub id, local directory saved with save_pretrained, or ``tiny`` (random weights, offline smoke tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); recorded in the adapter metadata."""
+    family: str = "auto"
+    """seq2seq | causal | encoder; ``auto`` reads it from the model config."""
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off by default: it executes arbitrary Python."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/raw/train.jsonl"
+    val: str | None = "data/raw/val.jsonl"
+    """Validation file; when empty, a stratified seeded split of ``train`` (``val_fraction``) is used."""
+    test: str | None = "data/raw/test.jsonl"
+    text_field: str = "text"
+    label_field: str = "label"
+    labels: list[str] | None = field(default_factory=lambda: list(DEFAULT_LABELS))
+    """The label set, in prompt order. Empty: taken from the training data (sorted)."""
+    val_fraction: float = 0.1
+    multi_label: bool = False
+    label_delimiter: str = ","
+    """Separates labels inside one CSV cell when ``multi_label`` is on."""
+    max_length: int = 384
+    """Prompt tokens kept per example; longer prompts are truncated (and counted)."""
+    max_target_length: int = 32
+
+
+@dataclass
+class PromptConfig:
+    task: str = DEFAULT_TASK
+    """First sentence of the instruction prompt."""
+    input_name: str = DEFAULT_INPUT_NAME
+    """What one input is called in the prompt ("customer message")."""
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    """Module names to adapt; empty picks per architecture (T5: q, v)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/lora"
+    """Checkpoints go to OUTPUT_DIR/checkpoints, the best adapter to OUTPUT_DIR/final."""
+    epochs: float = 5.0
+    max_steps: int = -1
+    """Stop after this many optimizer steps (overrides epochs when > 0)."""
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    seed: int = 42
+    save_steps: int = 200
+    """Checkpoint every N optimizer steps (and at each epoch end) so --resume loses little work."""
+    eval_steps: int = 0
+    """Evaluate every N steps; 0 evaluates once per epoch."""
+    early_stopping_patience: int = 3
+    """Stop after this many evaluations without a better validation accuracy; 0 disables."""
+    group_by_length: bool = True
+    """Batch examples of similar length together so little compute is spent on padding."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16."""
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+
+
+@dataclass
+class PredictConfig:
+    mode: str = "score"
+    """score: rank every label by log-likelihood (always a valid label); generate: free greedy decoding."""
+    batch_size: int = 32
+    max_new_tokens: int = 32
+    merge: bool = True
+    """Merge LoRA weights into the base for inference (same outputs, less work per token)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or raise LoratuneError naming the key."""
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise LoratuneError(f"config key {key} cannot be empty")
+    if optional and len(args) == 1:
+        hint, origin = args[0], typing.get_origin(args[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise LoratuneError(f"config key {key} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise LoratuneError(f"config key {key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        try:
+            number = hint(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or (hint is int and isinstance(value, float) and not value.is_integer()):
+            raise LoratuneError(f"config key {key} must be {'an integer' if hint is int else 'a number'}, got {value!r}")
+        return number
+    return str(value)
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg`` from a YAML or command-line value, converting its type."""
+    section_name, _, key = dotted.partition(".")
+    section = getattr(cfg, section_name, None)
+    if not key or section is None or not dataclasses.is_dataclass(section):
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise LoratuneError(f"unknown config key {dotted!r}: use section.key with section one of {sections}")
+    hints = _section_types(section)
+    if key not in hints:
+        known = ", ".join(hints)
+        raise LoratuneError(f"unknown config key {dotted!r}: {section_name} has {known}")
+    setattr(section, key, _coerce(value, hints[key], dotted))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``overrides`` ({"train.lr": 3e-4, ...}; None values skipped)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LoratuneError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise LoratuneError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        if not isinstance(raw, dict):
+            raise LoratuneError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top level")
+        for section_name, values in raw.items():
+            if not isinstance(values, dict):
+                raise LoratuneError(f"{path}: section {section_name!r} must be a mapping")
+            for key, value in values.items():
+                set_value(cfg, f"{section_name}.{key}", value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            set_value(cfg, dotted, value)
+    return cfg
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, str]:
+    """Parse repeated ``--set section.key=value`` options."""
+    result: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LoratuneError(f"--set expects section.key=value, got {item!r}")
+        result[key.strip()] = value
+    return result
+
+
+def validate(cfg: Config, *, training: bool = False) -> None:
+    """Check every setting and raise one LoratuneError listing all problems."""
+    problems: list[str] = []
+    if cfg.model.family not in FAMILIES:
+        problems.append(f"model.family must be one of {', '.join(FAMILIES)} (got {cfg.model.family!r})")
+    if not cfg.model.name:
+        problems.append("model.name is empty: pass --model HUB_ID_OR_PATH")
+    if cfg.data.labels is not None:
+        if len(set(cfg.data.labels)) != len(cfg.data.labels):
+            problems.append("data.labels has duplicates")
+        if cfg.data.labels and len(cfg.data.labels) < 2:
+            problems.append("data.labels needs at least two labels")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        problems.append(f"data.val_fraction must be between 0 and 1 (got {cfg.data.val_fraction})")
+    if cfg.data.max_length < 8:
+        problems.append(f"data.max_length must be at least 8 (got {cfg.data.max_length})")
+    if cfg.data.max_target_length < 2:
+        problems.append(f"data.max_target_length must be at least 2 (got {cfg.data.max_target_length})")
+    if cfg.lora.r < 1:
+        problems.append(f"lora.r must be >= 1 (got {cfg.lora.r})")
+    if cfg.lora.alpha <= 0:
+        problems.append(f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        problems.append(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    if cfg.predict.mode not in MODES:
+        problems.append(f"predict.mode must be one of {', '.join(MODES)} (got {cfg.predict.mode!r})")
+    if cfg.predict.batch_size < 1:
+        problems.append(f"predict.batch_size must be >= 1 (got {cfg.predict.batch_size})")
+    if training:
+        t = cfg.train
+        if t.epochs <= 0 and t.max_steps <= 0:
+            problems.append("train.epochs must be > 0 (or set train.max_steps)")
+        if t.batch_size < 1:
+            problems.append(f"train.batch_size must be >= 1 (got {t.batch_size})")
+        if t.grad_accum < 1:
+            problems.append(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
+        if not 0.0 < t.lr < 1.0:
+            problems.append(f"train.lr must be in (0, 1) (got {t.lr})")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            problems.append(f"train.warmup_ratio must be in [0, 1) (got {t.warmup_ratio})")
+        if t.save_steps < 1:
+            problems.append(f"train.save_steps must be >= 1 (got {t.save_steps})")
+        if t.eval_steps < 0:
+            problems.append(f"train.eval_steps must be >= 0 (got {t.eval_steps})")
+        if t.precision not in PRECISIONS:
+            problems.append(f"train.precision must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
+        if not cfg.data.train:
+            problems.append("data.train is empty: pass --train FILE")
+    if problems:
+        raise LoratuneError("invalid configuration: " + "; ".join(problems))

@@ -1,0 +1,295 @@
+"""Read labelled examples from JSONL or CSV, validate them, and settle the label set and the splits.
+
+Every problem in a file is reported as ``FILE:LINE: what is wrong`` through :class:`DataError`, before any
+model is loaded or anything is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import DataConfig
+from .errors import LoratuneError
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+CSV_SUFFIXES = (".csv", ".tsv")
+
+
+class DataError(LoratuneError):
+    """A problem in a data file, with the file and line in the message."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str | tuple[str, ...]
+    """One label, or for multi-label data a tuple of labels."""
+    source: str = ""
+    line: int = 0
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    labels: list[str]
+    multi_label: bool
+    warnings: list[str] = field(default_factory=list)
+    val_is_split: bool = False
+    """True when val was carved out of train (no val file given)."""
+
+
+def normalize_label(label: str) -> str:
+    """Labels compare case- and space-insensitively: ``" Billing "`` is ``billing``."""
+    return re.sub(r"\s+", " ", label.strip()).casefold()
+
+
+def decode_file(path: Path) -> str:
+    """File contents as text; non-UTF-8 bytes raise DataError naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
+            f"e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _labels_from_value(
+    value: object, where: str, field_name: str, multi_label: bool, delimiter: str
+) -> str | tuple[str, ...]:
+    if isinstance(value, list):
+        if not multi_label:
+            raise DataError(f"{where}: field {field_name!r} is a list; pass --multi-label for multi-label data")
+        parts = value
+    elif isinstance(value, str):
+        parts = value.split(delimiter) if multi_label else [value]
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        parts = [str(value)]
+    else:
+        raise DataError(f"{where}: field {field_name!r} must be a string, got {type(value).__name__}")
+    labels = []
+    for part in parts:
+        if not isinstance(part, str) or not normalize_label(part):
+            raise DataError(f"{where}: empty or non-string label in field {field_name!r}")
+        labels.append(normalize_label(part))
+    if not multi_label:
+        return labels[0]
+    return tuple(dict.fromkeys(labels))
+
+
+def _make_example(
+    record: dict, where: str, source: str, line: int, text_field: str, label_field: str,
+    multi_label: bool, delimiter: str,
+) -> Example:
+    for name in (text_field, label_field):
+        if name not in record:
+            present = ", ".join(map(str, record)) or "none"
+            flag = "--text-field" if name == text_field else "--label-field"
+            raise DataError(f"{where}: missing field {name!r} (fields present: {present}); map yours with {flag}")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(f"{where}: field {text_field!r} is empty")
+    label = _labels_from_value(record[label_field], where, label_field, multi_label, delimiter)
+    if label in ("", ()):
+        raise DataError(f"{where}: field {label_field!r} is empty")
+    return Example(text=text.strip(), label=label, source=source, line=line)
+
+
+def _records(path: Path):
+    """Yield (where, line, record) for each non-empty row of a JSONL or CSV/TSV file."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    content = decode_file(path)
+    if not content.strip():
+        raise DataError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        delimiter = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
+        if reader.fieldnames is None:
+            raise DataError(f"{path}:1: missing header row")
+        try:
+            for record in reader:
+                where = f"{path}:{reader.line_num}"
+                if None in record:
+                    raise DataError(f"{where}: more cells than header columns (quote text that contains '{delimiter}')")
+                if any((v or "").strip() for v in record.values()):
+                    yield where, reader.line_num, record
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    elif suffix in JSONL_SUFFIXES:
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object like {{\"text\": ..., \"label\": ...}}")
+            yield where, number, record
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
+
+
+def read_examples(
+    path: str | Path,
+    text_field: str = "text",
+    label_field: str = "label",
+    multi_label: bool = False,
+    label_delimiter: str = ",",
+) -> list[Example]:
+    """Read a JSONL or CSV/TSV file of labelled examples; raise DataError naming file:line on any problem."""
+    path = Path(path)
+    examples = [
+        _make_example(record, where, str(path), line, text_field, label_field, multi_label, label_delimiter)
+        for where, line, record in _records(path)
+    ]
+    if not examples:
+        raise DataError(f"{path}: no examples found")
+    return examples
+
+
+def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
+    """Unlabelled texts for prediction: a JSONL/CSV file (``text_field``) or any other file as one text per line."""
+    path = Path(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES + CSV_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        return [line.strip() for line in decode_file(path).splitlines() if line.strip()]
+    texts = []
+    for where, _, record in _records(path):
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise DataError(f"{where}: no string field {text_field!r}; map yours with --text-field")
+        texts.append(text)
+    return texts
+
+
+def example_labels(example: Example) -> tuple[str, ...]:
+    return (example.label,) if isinstance(example.label, str) else example.label
+
+
+def check_labels(examples: Sequence[Example], labels: Sequence[str]) -> None:
+    """Raise DataError at the first example whose label is outside ``labels``."""
+    allowed = set(labels)
+    for ex in examples:
+        for label in example_labels(ex):
+            if label not in allowed:
+                raise DataError(
+                    f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({', '.join(labels)}); "
+                    f"fix the data or pass --labels with every label"
+                )
+
+
+def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) -> list[str]:
+    """The declared label set (normalised, in order), or every label seen in the data, sorted."""
+    if declared:
+        labels = [normalize_label(label) for label in declared]
+        if len(set(labels)) != len(labels):
+            raise LoratuneError(f"--labels has duplicates after normalisation: {', '.join(declared)}")
+        return labels
+    seen = {label for ex in examples for label in example_labels(ex)}
+    if len(seen) < 2:
+        raise DataError(f"{examples[0].source}: found {len(seen)} distinct label(s); a classifier needs at least two")
+    return sorted(seen)
+
+
+def _key(text: str) -> str:
+    return re.sub(r"\s+", " ", text).casefold().strip()
+
+
+def quality_warnings(train: Sequence[Example], val: Sequence[Example]) -> list[str]:
+    """Report duplicates inside train and texts shared between train and val (they inflate val scores)."""
+    warnings = []
+    counts = Counter(_key(ex.text) for ex in train)
+    dupes = sum(c - 1 for c in counts.values() if c > 1)
+    if dupes:
+        warnings.append(f"{dupes} duplicate text(s) in the training data")
+    by_text: dict[str, set] = {}
+    for ex in train:
+        by_text.setdefault(_key(ex.text), set()).add(ex.label)
+    conflicting = sum(1 for v in by_text.values() if len(v) > 1)
+    if conflicting:
+        warnings.append(f"{conflicting} training text(s) appear with different labels")
+    overlap = sum(1 for ex in val if _key(ex.text) in counts)
+    if overlap:
+        warnings.append(f"{overlap} validation text(s) also appear in the training data (val scores will be optimistic)")
+    return warnings
+
+
+def label_counts(examples: Sequence[Example]) -> Counter:
+    return Counter(label for ex in examples for label in example_labels(ex))
+
+
+def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0) -> str | None:
+    """A warning when the most frequent label outnumbers the rarest by more than ``ratio``, or a label is absent."""
+    missing = [label for label in labels if counts.get(label, 0) == 0]
+    if missing:
+        return f"no training examples for label(s): {', '.join(missing)}"
+    most, least = max(counts[l] for l in labels), min(counts[l] for l in labels)
+    if most > ratio * least:
+        rare = min(labels, key=lambda l: counts[l])
+        return f"labels are imbalanced: {most} vs {least} examples ({rare!r} is rarest); consider more data for it"
+    return None
+
+
+def split_train_val(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A stratified, seeded split (plain seeded split when a label is too rare to stratify)."""
+    from sklearn.model_selection import train_test_split
+
+    strata = [ex.label if isinstance(ex.label, str) else ",".join(ex.label) for ex in examples]
+    counts = Counter(strata)
+    stratify = strata if min(counts.values()) >= 2 and len(examples) * fraction >= len(counts) else None
+    train, val = train_test_split(list(examples), test_size=fraction, random_state=seed, stratify=stratify)
+    return train, val
+
+
+def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
+    """Load train and validation data as configured, settle the label set, and validate every label."""
+    read = dict(text_field=cfg.text_field, label_field=cfg.label_field,
+                multi_label=cfg.multi_label, label_delimiter=cfg.label_delimiter)
+    train = read_examples(cfg.train, **read)
+    labels = resolve_labels(cfg.labels, train)
+    check_labels(train, labels)
+    if cfg.val:
+        val = read_examples(cfg.val, **read)
+        check_labels(val, labels)
+        is_split = False
+    else:
+        train, val = split_train_val(train, cfg.val_fraction, seed)
+        is_split = True
+    warnings = quality_warnings(train, val)
+    imbalance = imbalance_warning(label_counts(train), labels)
+    if imbalance:
+        warnings.append(imbalance)
+    return Splits(train=train, val=val, labels=labels, multi_label=cfg.multi_label,
+                  warnings=warnings, val_is_split=is_split)
+
+
+def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str]) -> list[Example]:
+    """Read a labelled evaluation file and check its labels against the model's label set."""
+    examples = read_examples(path, cfg.text_field, cfg.label_field, cfg.multi_label, cfg.label_delimiter)
+    check_labels(examples, labels)
+    return examples
+
+
+def fingerprint(path: str | Path) -> dict[str, object]:
+    """SHA-256 and size of a data file, recorded with each adapter so a run can be traced to its data."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}

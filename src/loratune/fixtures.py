@@ -1,0 +1,116 @@
+"""Tiny random-weight models with locally trained tokenizers, for offline tests and smoke runs.
+
+No model hub is needed: the tokenizer is a byte-level BPE trained here on the given texts, the weights are
+random, and both are saved with ``save_pretrained`` so every code path loads them like a real model.
+Their predictions mean nothing; they exist to exercise the real pipeline end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from .atomic import temp_dir_beside
+from .prompt import DEFAULT_LABELS, format_example
+
+TINY_NAME = "tiny"
+TINY_WARNING = (
+    "--model tiny: a tiny model with RANDOM weights built offline; it runs the whole pipeline but its "
+    "predictions and scores mean nothing. Pass --model HUB_ID_OR_PATH for real results."
+)
+
+# flan-t5-small's architecture, for parameter counts and speed benchmarks (weights do not change either).
+FLAN_T5_SMALL = dict(
+    vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+    eos_token_id=1,
+)
+TINY_T5 = dict(
+    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+    relative_attention_num_buckets=16, relative_attention_max_distance=64, dropout_rate=0.0,
+    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+    eos_token_id=1,
+)
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("LORATUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loratune"
+    )
+    return Path(root)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2000):
+    """A byte-level BPE tokenizer (T5 special-token layout: pad=0, eos=1, unk=2) that appends EOS like T5's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def t5_config(vocab_size: int, **overrides):
+    """A T5Config with flan-t5's untied LM head (transformers 5 ignores the keyword, so set it after)."""
+    from transformers import T5Config
+
+    config = T5Config(**{**TINY_T5, **overrides, "vocab_size": vocab_size})
+    config.tie_word_embeddings = False
+    return config
+
+
+def build_tiny_t5(out_dir: str | Path, corpus: Iterable[str], seed: int = 0, **config_overrides) -> Path:
+    """Save a random-weight T5 and a tokenizer trained on ``corpus`` into ``out_dir``; return the path."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(corpus)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(t5_config(len(tokenizer), **config_overrides))
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "TINY_RANDOM_MODEL.txt").write_text(TINY_WARNING + "\n", encoding="utf-8")
+    return out_dir
+
+
+def tokenizer_corpus(texts: Iterable[str], labels: Iterable[str] = DEFAULT_LABELS) -> list[str]:
+    """The texts plus the canonical prompt and labels, so prompt words get their own tokens."""
+    labels = list(labels)
+    return [format_example("", labels), *labels, *texts]
+
+
+def tiny_model(texts: Iterable[str] = (), labels: Iterable[str] = DEFAULT_LABELS,
+               cache_dir: str | Path | None = None) -> Path:
+    """Build (once, cached by content) the tiny random T5 for ``--model tiny`` and return its directory."""
+    corpus = tokenizer_corpus(texts, labels)
+    digest = hashlib.sha256(json.dumps([corpus, TINY_T5]).encode()).hexdigest()[:16]
+    target = Path(cache_dir or default_cache_dir()) / f"tiny-t5-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    # Build beside the target and rename, so concurrent or interrupted builds never leave half a model.
+    tmp = temp_dir_beside(target)
+    try:
+        build_tiny_t5(tmp, corpus)
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,218 @@
+"""Load a base model by hub id or local path, detect its family, attach or load a LoRA adapter.
+
+Hub access: a local directory is used as is; a hub id is first looked up in the local cache, and only then
+fetched. When the hub cannot be reached we fail in seconds with one sentence naming the model, instead of
+waiting through the hub client's retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import LoratuneError
+from .fixtures import TINY_NAME, TINY_WARNING, tiny_model
+
+log = logging.getLogger(__name__)
+
+META_FILE = "loratune.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE)
+SUPPORTED_FAMILIES = ("seq2seq",)
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _unreachable(name: str, reason: str) -> LoratuneError:
+    return LoratuneError(
+        f"cannot load model {name!r}: {reason} and it is not in the local cache; pass --model with a local "
+        f"directory saved by save_pretrained (or --model tiny for an offline smoke test)"
+    )
+
+
+def resolve_model_name(name: str, texts=(), labels=None) -> str:
+    """Turn ``tiny`` into the cached tiny model's directory (built on first use); other names pass through."""
+    if name != TINY_NAME:
+        return name
+    print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
+    kwargs = {"labels": labels} if labels else {}
+    return str(tiny_model(texts, **kwargs))
+
+
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Load a model config, deciding once whether the hub is needed. Returns (config, local_files_only)."""
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise LoratuneError(f"model directory {name} has no config.json (save it with save_pretrained)")
+        try:
+            return AutoConfig.from_pretrained(str(path), **kwargs), True
+        except (OSError, ValueError) as exc:
+            raise LoratuneError(f"cannot read model config in {name}: {str(exc).splitlines()[0]}") from None
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True, **kwargs), True
+    except (OSError, ValueError):
+        pass
+    if _offline():
+        raise _unreachable(name, "HF_HUB_OFFLINE is set")
+    if not _hub_reachable():
+        raise _unreachable(name, "the Hugging Face Hub cannot be reached")
+    try:
+        return AutoConfig.from_pretrained(name, **kwargs), False
+    except (OSError, ValueError) as exc:
+        raise LoratuneError(f"cannot load model {name!r}: {str(exc).splitlines()[0]}") from None
+
+
+def detect_family(config, override: str = "auto") -> str:
+    """seq2seq for encoder-decoders, causal for decoder-only LMs, encoder otherwise (unless overridden)."""
+    if override and override != "auto":
+        return override
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal"
+    if architectures:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return "causal"
+    return "encoder"
+
+
+def config_fingerprint(config) -> str:
+    """A hash of the architecture-defining config values, to tell whether an adapter fits a base model."""
+    keep = {k: v for k, v in config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                         "use_cache", "task_specific_params", "id2label", "label2id", "_commit_hash")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    family: str
+    name: str
+    config_fingerprint: str
+
+
+def load_base(name: str, *, revision: str | None = None, family: str = "auto",
+              trust_remote_code: bool = False, dtype=None) -> LoadedModel:
+    """Load the base model and tokenizer by hub id or local path."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    config, local_only = load_config(name, revision, trust_remote_code)
+    family = detect_family(config, family)
+    if family not in SUPPORTED_FAMILIES:
+        raise LoratuneError(
+            f"model {name!r} is a {family} model; this version of loratune trains seq2seq (T5-style) models "
+            f"(override detection with --family if that is wrong)"
+        )
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    return LoadedModel(model, tokenizer, family, name, config_fingerprint(config))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_modules=None):
+    """Wrap ``model`` with a fresh LoRA adapter; only the LoRA weights stay trainable."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = {"seq2seq": TaskType.SEQ_2_SEQ_LM}[family]
+    # target_modules=None lets PEFT pick its per-architecture default (T5: q, v).
+    config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(target_modules) if target_modules else None)
+    return get_peft_model(model, config)
+
+
+def read_metadata(adapter_dir: str | Path) -> dict:
+    """Read and check ``loratune.json`` and the adapter files; raise LoratuneError if anything is off."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise LoratuneError(f"adapter directory {adapter_dir} does not exist")
+    missing = [f for f in ADAPTER_FILES if not (adapter_dir / f).is_file()]
+    if missing:
+        raise LoratuneError(
+            f"{adapter_dir} is not a complete loratune adapter (missing {', '.join(missing)}); "
+            f"point --adapter at OUTPUT_DIR/final of a finished run"
+        )
+    try:
+        meta = json.loads((adapter_dir / META_FILE).read_text(encoding="utf-8"))
+        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LoratuneError(f"{adapter_dir}: corrupt adapter metadata ({exc})") from None
+    for key in ("base_model", "labels", "family", "prompt"):
+        if key not in meta:
+            raise LoratuneError(f"{adapter_dir / META_FILE}: missing key {key!r}; the adapter is incomplete")
+    return meta
+
+
+def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=None):
+    """Load base + adapter as described by the adapter's metadata. Returns (LoadedModel with PeftModel, meta).
+
+    ``base_model`` overrides the recorded base (e.g. the same model at another path); it must have the same
+    architecture, or this raises LoratuneError rather than loading mismatched weights.
+    """
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    adapter_dir = Path(adapter_dir)
+    meta = read_metadata(adapter_dir)
+    base_name = base_model or meta["base_model"]
+    base = load_base(base_name, revision=meta.get("base_revision"), family=meta["family"], dtype=dtype)
+    expected = meta.get("base_config_fingerprint")
+    if expected and expected != base.config_fingerprint:
+        raise LoratuneError(
+            f"adapter {adapter_dir} was trained on {meta['base_model']!r} but {base_name!r} has a different "
+            f"architecture or vocabulary; pass --model with the adapter's base model"
+        )
+    try:
+        model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
+    except (SafetensorError, RuntimeError, ValueError, OSError, KeyError) as exc:
+        raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
+    # The tokenizer saved with the adapter is the one it was trained with.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    return LoadedModel(model, tokenizer, base.family, base_name, base.config_fingerprint), meta

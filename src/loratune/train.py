@@ -1,0 +1,398 @@
+"""Train a LoRA adapter for text classification. One recipe, read top to bottom.
+
+Single process (CPU, one GPU, or Apple MPS):
+    loratune train                                  # defaults: flan-t5-small on data/raw/
+    loratune train --model tiny --max-steps 50      # offline smoke test (random weights)
+Data-parallel, same command under a standard launcher (HF Trainer handles the process group):
+    torchrun --nproc-per-node 4 -m loratune train --config configs/default.yaml
+    accelerate launch --num-processes 4 -m loratune train --config configs/default.yaml
+Resume after a crash or Ctrl-C (continues from the last checkpoint, same result as an uninterrupted run):
+    loratune train --resume
+
+Layout of OUTPUT_DIR: ``checkpoints/`` (Trainer checkpoints for --resume, ``best/`` adapter so far) and
+``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import ExportableState, PrinterCallback
+
+from .atomic import replace_dir, temp_dir_beside
+from .config import Config, validate
+from .data import Splits, fingerprint, load_splits
+from .errors import LoratuneError
+from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
+from .predict import pick_device, seq2seq_label_logprobs
+from .prompt import format_example, format_target
+from .tokenize import encode_seq2seq, seq2seq_collator
+
+FINAL = "final"
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+class TrainingDiverged(LoratuneError):
+    """Loss became NaN/inf: the weights are garbage and nothing is saved."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics: dict
+    """best_val_accuracy, best_step, val_loss, train_samples_per_second, ..."""
+    interrupted: bool = False
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=print) -> TrainResult:
+    """Train an adapter as configured and write it to ``cfg.train.output_dir/final``."""
+    validate(cfg, training=True)
+    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    ckpt_dir = out / CHECKPOINTS
+    _check_output_dir(out, ckpt_dir, resume, overwrite)
+
+    set_seed(cfg.train.seed)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    say = echo if rank0 else (lambda *a, **k: None)
+
+    # 1. Model: base weights frozen, LoRA on the attention projections.
+    model_name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
+    base = load_base(model_name, revision=cfg.model.revision, family=cfg.model.family,
+                     trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = base.tokenizer
+    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                        cfg.lora.target_modules)
+    if cfg.train.gradient_checkpointing:
+        # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
+        # and backward fails with "element 0 of tensors does not require grad".
+        model.enable_input_require_grads()
+    trainable, total = count_parameters(model)
+    targets = sorted(model.peft_config["default"].target_modules)
+    device = pick_device()
+    precision = _precision(cfg.train.precision, device)
+    say(f"device: {device.type}  precision: {precision}  world size: {os.environ.get('WORLD_SIZE', '1')}")
+    say(f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}")
+    say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+
+    # 2. Data: canonical prompts, tokenized once; padding happens per batch in the collator.
+    def encode(examples):
+        prompts = [format_example(e.text, splits.labels, cfg.prompt.task, cfg.prompt.input_name,
+                                  splits.multi_label) for e in examples]
+        targets_ = [format_target(e.label, splits.labels) for e in examples]
+        return prompts, encode_seq2seq(tokenizer, prompts, targets_, cfg.data.max_length, cfg.data.max_target_length)
+
+    _, train_enc = encode(splits.train)
+    val_prompts, val_enc = encode(splits.val)
+    val_gold = [splits.labels.index(e.label) for e in splits.val] if not splits.multi_label else None
+    say(f"data: {len(splits.train)} train / {len(splits.val)} val examples, {len(splits.labels)} labels"
+        + (" (val split from train)" if splits.val_is_split else ""))
+    if train_enc.n_truncated or val_enc.n_truncated:
+        say(f"warning: {train_enc.n_truncated + val_enc.n_truncated} prompts longer than "
+            f"data.max_length={cfg.data.max_length} were truncated")
+    for warning in splits.warnings:
+        say(f"warning: {warning}")
+
+    # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume.
+    args = _training_args(cfg, ckpt_dir, precision, device)
+    best = BestAdapter(ckpt_dir / BEST, tokenizer)
+    stop = InterruptToCheckpoint()
+    callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
+    if cfg.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    trainer = ClassifierTrainer(
+        model=model, args=args, train_dataset=train_enc.features, eval_dataset=val_enc.features,
+        data_collator=seq2seq_collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None),
+        processing_class=tokenizer, callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
+    trainer.accuracy_inputs = (val_prompts, splits.labels, val_gold, cfg.data.max_length, cfg.predict.batch_size)
+    say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
+
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    if stop.requested:
+        say(f"interrupted at step {trainer.state.global_step}: checkpoint saved in {ckpt_dir}; "
+            f"continue with --resume (same command)")
+        return TrainResult(out / FINAL, {}, interrupted=True)
+    if best.step != trainer.state.global_step:
+        trainer.evaluate()  # the last steps were never evaluated (e.g. --max-steps inside an epoch)
+
+    # 4. Output: the best adapter + tokenizer + metadata, swapped in atomically.
+    metrics = {
+        "best_val_accuracy": best.accuracy, "best_step": best.step, "val_loss": best.loss,
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0.0, 3),
+        "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "trainable_params": trainable, "total_params": total, "truncated_prompts": train_enc.n_truncated,
+        "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+    }
+    final = out / FINAL
+    if rank0:
+        meta = _metadata(cfg, splits, base, model_name, targets, metrics)
+        _write_final(ckpt_dir / BEST, final, meta)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
+    say(f"best val accuracy {best.accuracy:.4f} at step {best.step}; "
+        f"{metrics['train_samples_per_second'] or 0:.1f} samples/s; adapter: {final}")
+    return TrainResult(final, metrics)
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers, in the order the recipe uses them.
+
+def _check_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
+    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
+    if resume and not has_ckpt:
+        raise LoratuneError(f"--resume: no checkpoint in {ckpt_dir} to continue from")
+    if has_ckpt and not resume and not overwrite and int(os.environ.get("RANK", "0")) == 0:
+        raise LoratuneError(
+            f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
+            f"or --overwrite to start over"
+        )
+    if overwrite and not resume and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _precision(requested: str, device) -> str:
+    if requested != "auto":
+        if requested in ("bf16", "fp16") and device.type != "cuda":
+            raise LoratuneError(f"train.precision={requested} needs a CUDA GPU; this run is on {device.type}")
+        return requested
+    if device.type == "cuda":
+        # T5 overflows in fp16 (NaN loss); FLAN-T5 was trained in bf16, so prefer it where supported.
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> TrainingArguments:
+    t = cfg.train
+    eval_by_steps = t.eval_steps > 0
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=cfg.predict.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of total steps
+        lr_scheduler_type="linear",
+        seed=t.seed,
+        eval_strategy="steps" if eval_by_steps else "epoch",
+        eval_steps=t.eval_steps if eval_by_steps else None,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device.type == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to="none",
+        disable_tqdm=True,  # ProgressBar below shows loss and samples/s instead
+        restore_callback_states_from_checkpoint=True,
+        dataloader_pin_memory=device.type == "cuda",
+        ddp_find_unused_parameters=False,
+    )
+
+
+class ClassifierTrainer(Trainer):
+    """HF Trainer whose evaluation adds end-to-end label accuracy (score mode, never teacher-forced tokens)."""
+
+    accuracy_inputs: tuple = ()
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics[f"{prefix}_accuracy"] = self._label_accuracy()
+        return output
+
+    def _label_accuracy(self) -> float:
+        prompts, labels, gold, max_length, batch_size = self.accuracy_inputs
+        if gold is None:
+            return float("nan")
+        # Each rank scores its shard; the counts are summed across ranks.
+        rank, world = self.args.process_index, self.args.world_size
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        scores = seq2seq_label_logprobs(model, self.processing_class, prompts[rank::world], labels,
+                                        batch_size=batch_size, max_length=max_length)
+        model.train(was_training)
+        counts = torch.tensor([float((scores.argmax(1) == gold[rank::world]).sum()), float(len(scores))])
+        if world > 1 and dist.is_initialized():
+            counts = counts.to(self.args.device)
+            dist.all_reduce(counts)
+        return float(counts[0] / counts[1])
+
+
+class BestAdapter(TrainerCallback, ExportableState):
+    """Keep the adapter with the best validation accuracy in ``best/`` (atomically); state survives --resume."""
+
+    def __init__(self, path: Path, tokenizer):
+        self.path, self.tokenizer = path, tokenizer
+        self.accuracy, self.step, self.loss = -1.0, -1, float("nan")
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"accuracy": self.accuracy, "step": self.step, "loss": self.loss}}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        accuracy = (metrics or {}).get("eval_accuracy", float("nan"))
+        if state.global_step == self.step:
+            return
+        if not (accuracy > self.accuracy) and self.step >= 0:
+            return
+        self.accuracy, self.step, self.loss = accuracy, state.global_step, metrics.get("eval_loss", float("nan"))
+        if state.is_world_process_zero:
+            tmp = temp_dir_beside(self.path)
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            (tmp / "best.json").write_text(json.dumps(self.state()["attributes"]), encoding="utf-8")
+            replace_dir(tmp, self.path)
+
+
+class InterruptToCheckpoint(TrainerCallback):
+    """First Ctrl-C (or SIGTERM) saves a checkpoint at the end of the current step and stops; a second one kills."""
+
+    def __init__(self):
+        self.requested = False
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def handlers():
+            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+            def handle(signum, frame):
+                if self.requested:
+                    signal.signal(signum, previous[signum])
+                    raise KeyboardInterrupt
+                self.requested = True
+
+            try:
+                for sig in previous:
+                    signal.signal(sig, handle)
+            except ValueError:  # not the main thread: leave signals alone
+                previous = {}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        return handlers()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class DivergenceGuard(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            hint = " (T5 overflows in fp16: use --set train.precision=bf16 or fp32)" if args.fp16 else ""
+            raise TrainingDiverged(f"training diverged: loss is {loss} at step {state.global_step}{hint}; "
+                                   f"nothing was saved as final")
+
+
+class ProgressBar(TrainerCallback):
+    """A tqdm bar with the running loss, learning rate and samples/s; evaluation results on their own line."""
+
+    def __init__(self, say):
+        self.say, self.bar, self.start = say, None, 0.0
+        self.samples_per_step = 1
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+            self.start, self.first_step = time.perf_counter(), state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs or "loss" not in logs:
+            return
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (state.global_step - self.first_step) * self.samples_per_step / elapsed
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
+                             samples_s=f"{rate:.1f}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.bar is not None and metrics:
+            self.bar.write(f"step {state.global_step} epoch {state.epoch or 0:.2f}: "
+                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} "
+                           f"val_accuracy {metrics.get('eval_accuracy', float('nan')):.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _metadata(cfg: Config, splits: Splits, base, model_name: str, targets, metrics: dict) -> dict:
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "format": 1,
+        "base_model": model_name,
+        "base_model_requested": cfg.model.name,
+        "base_revision": cfg.model.revision,
+        "base_config_fingerprint": base.config_fingerprint,
+        "family": base.family,
+        "labels": splits.labels,
+        "multi_label": splits.multi_label,
+        "prompt": {"task": cfg.prompt.task, "input_name": cfg.prompt.input_name,
+                   "template_example": format_example("{text}", splits.labels, cfg.prompt.task,
+                                                      cfg.prompt.input_name, splits.multi_label)},
+        "max_length": cfg.data.max_length,
+        "lora_target_modules": targets,
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+        "data": {"train": fingerprint(cfg.data.train),
+                 "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
+        "versions": {"loratune": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version()},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _write_final(best_dir: Path, final: Path, meta: dict) -> None:
+    tmp = temp_dir_beside(final)
+    try:
+        for item in best_dir.iterdir():
+            if item.name != "best.json":
+                shutil.copyfile(item, tmp / item.name)  # copyfile: new files get normal permissions
+        # loratune.json is written last: its presence marks a complete adapter.
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
