@@ -1,0 +1,103 @@
+"""Session fixtures: tiny random models with locally trained tokenizers, and one short training run.
+
+Everything is offline: HF_HUB_OFFLINE is set, and ``--model tiny`` builds into a per-session cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "raw"
+LABELS = ["billing", "technical", "account", "shipping", "other"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_env(tmp_path_factory):
+    """No hub, and a private cache so tests never touch (or depend on) ~/.cache."""
+    cache = tmp_path_factory.mktemp("loratune-cache")
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "LORATUNE_CACHE", "TOKENIZERS_PARALLELISM")}
+    os.environ.update(HF_HUB_OFFLINE="1", LORATUNE_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_rows() -> dict[str, list[dict]]:
+    return {split: read_jsonl(DATA / f"{split}.jsonl") for split in ("train", "val", "test")}
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, demo_rows) -> dict[str, Path]:
+    """A slice of the demo data, small enough to train on in seconds."""
+    d = tmp_path_factory.mktemp("small-data")
+    return {
+        "train": write_jsonl(d / "train.jsonl", demo_rows["train"][:240]),
+        "val": write_jsonl(d / "val.jsonl", demo_rows["val"][:60]),
+        "test": write_jsonl(d / "test.jsonl", demo_rows["test"][:60]),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory, demo_rows) -> Path:
+    """A random-weight T5 with a tokenizer trained on the demo training texts, saved with save_pretrained."""
+    from loratune.fixtures import build_tiny_t5, tokenizer_corpus
+
+    out = tmp_path_factory.mktemp("tiny-t5")
+    return build_tiny_t5(out, tokenizer_corpus([r["text"] for r in demo_rows["train"]], LABELS))
+
+
+def tiny_config(model: Path, data: dict[str, Path], output_dir: Path, **train):
+    """A config for a fast run on the tiny model."""
+    from loratune.config import load_config
+
+    overrides = {
+        "model.name": str(model), "data.train": str(data["train"]), "data.val": str(data["val"]),
+        "data.test": str(data["test"]), "train.output_dir": str(output_dir), "train.epochs": 4,
+        "train.batch_size": 16, "train.lr": 5e-3, "train.save_steps": 1000, "train.logging_steps": 5,
+        "train.early_stopping_patience": 0, "lora.r": 16, "lora.alpha": 32,
+    }
+    overrides.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})
+    return load_config(overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_t5, small_data):
+    """One short real training run on the tiny T5, shared by prediction, evaluation and serving tests."""
+    from loratune.train import train
+
+    out = tmp_path_factory.mktemp("run")
+    result = train(tiny_config(tiny_t5, small_data, out), echo=lambda *a, **k: None)
+    return result
+
+
+@pytest.fixture
+def run_cli():
+    """Run the real ``loratune`` console entry point in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    def run(*args, cwd=None, input=None, timeout=300, env=None):
+        return subprocess.run(
+            [sys.executable, "-m", "loratune", *map(str, args)], cwd=cwd or ROOT, input=input,
+            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        )
+
+    return run
