@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 bad input or usage (one line naming the file/line or flag), 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -56,7 +57,6 @@ def _data_flags(model, family, train, val, test, text_field, label_field, labels
 
 
 def _quiet_libraries() -> None:
-    import os
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -125,7 +125,7 @@ def train_cmd(
     _quiet_libraries()
     result = run_train(cfg, resume=resume, overwrite=overwrite,
                        echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print)
-    if json_out:
+    if json_out and int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
         print(json.dumps({"adapter": str(result.adapter_dir), "interrupted": result.interrupted,
                           "metrics": result.metrics}, indent=2))
     if result.interrupted:

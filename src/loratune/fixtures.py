@@ -66,10 +66,14 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 2000):
 
 
 def t5_config(vocab_size: int, **overrides):
-    """A T5Config with flan-t5's untied LM head (transformers 5 ignores the keyword, so set it after)."""
+    """A T5Config shaped like flan-t5 (T5 v1.1): untied LM head and no decoder-output scaling.
+
+    transformers 5 reads the ``tie_word_embeddings=False`` keyword only to turn off decoder-output scaling and
+    then forces the attribute to True, so it is passed *and* set afterwards.
+    """
     from transformers import T5Config
 
-    config = T5Config(**{**TINY_T5, **overrides, "vocab_size": vocab_size})
+    config = T5Config(**{**TINY_T5, **overrides, "vocab_size": vocab_size, "tie_word_embeddings": False})
     config.tie_word_embeddings = False
     return config
 
@@ -83,6 +87,10 @@ def build_tiny_t5(out_dir: str | Path, corpus: Iterable[str], seed: int = 0, **c
     tokenizer = train_tokenizer(corpus)
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(t5_config(len(tokenizer), **config_overrides))
+    # Real T5 checkpoints hold one input embedding under three names; only flan-t5's LM head differs.
+    with torch.no_grad():
+        model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+        model.decoder.embed_tokens.weight.copy_(model.shared.weight)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "TINY_RANDOM_MODEL.txt").write_text(TINY_WARNING + "\n", encoding="utf-8")

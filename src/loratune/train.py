@@ -107,7 +107,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
     # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume.
     args = _training_args(cfg, ckpt_dir, precision, device)
-    best = BestAdapter(ckpt_dir / BEST, tokenizer)
+    best = BestAdapter(str(ckpt_dir / BEST))
     stop = InterruptToCheckpoint()
     callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
     if cfg.train.early_stopping_patience > 0:
@@ -123,6 +123,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
     with stop.installed():
         result = trainer.train(resume_from_checkpoint=True if resume else None)
+    # On resume the Trainer rebuilds stateful callbacks from the checkpoint: use the live instance.
+    best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BestAdapter))
     if stop.requested:
         say(f"interrupted at step {trainer.state.global_step}: checkpoint saved in {ckpt_dir}; "
             f"continue with --resume (same command)")
@@ -142,7 +144,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     final = out / FINAL
     if rank0:
         meta = _metadata(cfg, splits, base, model_name, targets, metrics)
-        _write_final(ckpt_dir / BEST, final, meta)
+        _write_final(ckpt_dir / BEST, final, meta, tokenizer)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
     say(f"best val accuracy {best.accuracy:.4f} at step {best.step}; "
         f"{metrics['train_samples_per_second'] or 0:.1f} samples/s; adapter: {final}")
@@ -204,7 +206,7 @@ def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> Train
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device.type == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         report_to="none",
         disable_tqdm=True,  # ProgressBar below shows loss and samples/s instead
         restore_callback_states_from_checkpoint=True,
@@ -240,18 +242,22 @@ class ClassifierTrainer(Trainer):
         if world > 1 and dist.is_initialized():
             counts = counts.to(self.args.device)
             dist.all_reduce(counts)
-        return float(counts[0] / counts[1])
+        return counts[0].item() / counts[1].item()  # float64: no float32 rounding in the reported metric
 
 
 class BestAdapter(TrainerCallback, ExportableState):
-    """Keep the adapter with the best validation accuracy in ``best/`` (atomically); state survives --resume."""
+    """Keep the adapter with the best validation accuracy in ``best/`` (atomically); state survives --resume.
 
-    def __init__(self, path: Path, tokenizer):
-        self.path, self.tokenizer = path, tokenizer
+    The Trainer re-creates this callback from ``state()["args"]`` on resume, so they must be JSON values.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
         self.accuracy, self.step, self.loss = -1.0, -1, float("nan")
 
     def state(self) -> dict:
-        return {"args": {}, "attributes": {"accuracy": self.accuracy, "step": self.step, "loss": self.loss}}
+        return {"args": {"path": str(self.path)},
+                "attributes": {"accuracy": self.accuracy, "step": self.step, "loss": self.loss}}
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         accuracy = (metrics or {}).get("eval_accuracy", float("nan"))
@@ -263,7 +269,6 @@ class BestAdapter(TrainerCallback, ExportableState):
         if state.is_world_process_zero:
             tmp = temp_dir_beside(self.path)
             model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
             (tmp / "best.json").write_text(json.dumps(self.state()["attributes"]), encoding="utf-8")
             replace_dir(tmp, self.path)
 
@@ -385,12 +390,13 @@ def _metadata(cfg: Config, splits: Splits, base, model_name: str, targets, metri
     }
 
 
-def _write_final(best_dir: Path, final: Path, meta: dict) -> None:
+def _write_final(best_dir: Path, final: Path, meta: dict, tokenizer) -> None:
     tmp = temp_dir_beside(final)
     try:
         for item in best_dir.iterdir():
             if item.name != "best.json":
                 shutil.copyfile(item, tmp / item.name)  # copyfile: new files get normal permissions
+        tokenizer.save_pretrained(tmp)
         # loratune.json is written last: its presence marks a complete adapter.
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         replace_dir(tmp, final)

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from loratune.data import read_examples
+from loratune.evaluate import build_report, compute_metrics, evaluate, write_report
+from loratune.predict import INVALID, Classifier
+
+
+def test_metrics_agree_with_scikit_learn_and_count_invalid():
+    labels = ["a", "b", "c"]
+    gold = ["a", "a", "b", "c", "c", "b"]
+    pred = ["a", "b", "b", INVALID, "c", "a"]
+    m = compute_metrics(gold, pred, labels)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["invalid_rate"] == pytest.approx(1 / 6)
+    assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro"))
+    assert m["confusion_matrix"]["columns"] == ["a", "b", "c", INVALID]
+    assert m["confusion_matrix"]["values"][2] == [0, 0, 1, 1]  # one "c" came out invalid
+
+
+def test_evaluate_and_report_files(trained, small_data, tmp_path):
+    examples = read_examples(small_data["test"])
+    tuned = Classifier.from_pretrained(trained.adapter_dir)
+    base = Classifier.from_pretrained(tuned.metadata["base_model"], labels=tuned.labels)
+    results = [evaluate(clf, examples, mode=mode, name=name)
+               for mode in ("score", "generate") for name, clf in (("base", base), ("adapter", tuned))]
+    report = build_report(results, examples, str(small_data["test"]), tuned.labels)
+    out = write_report(report, tmp_path / "report")
+
+    saved = json.loads((out / "report.json").read_text())
+    assert [(r["model"], r["mode"]) for r in saved["results"]] == [
+        ("base", "score"), ("adapter", "score"), ("base", "generate"), ("adapter", "generate")]
+    gold = [e.label for e in examples]
+    for r, result in zip(saved["results"], results):
+        pred = [p.label for p in result.predictions]
+        # Independent scikit-learn computation from the raw predictions.
+        assert r["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+        assert r["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=tuned.labels, average="macro", zero_division=0))
+        assert r["weighted_f1"] == pytest.approx(f1_score(gold, pred, labels=tuned.labels, average="weighted", zero_division=0))
+        p, rec, f, s = precision_recall_fscore_support(gold, pred, labels=tuned.labels, zero_division=0)
+        for i, label in enumerate(tuned.labels):
+            assert r["per_label"][label]["recall"] == pytest.approx(rec[i])
+            assert r["per_label"][label]["support"] == s[i]
+        cm = confusion_matrix(gold, pred, labels=tuned.labels + [INVALID])[: len(tuned.labels)]
+        assert r["confusion_matrix"]["values"] == cm.tolist()
+        assert r["tickets_per_s"] > 0 and r["ms_per_ticket"] > 0
+        png = out / r["confusion_png"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The random base model echoes instead of answering: all invalid in generate mode.
+    assert saved["results"][2]["invalid_rate"] == 1.0
+    assert saved["disagreements"]["generate"], "base and adapter must disagree somewhere"
+    md = (out / "report.md").read_text()
+    assert "| adapter | score |" in md and "Where the models disagree" in md
+
+
+def test_report_dir_is_replaced_atomically(tmp_path):
+    report = {"dataset": "d", "n": 0, "labels": [], "results": [], "disagreements": {}}
+    out = tmp_path / "r"
+    write_report(report, out)
+    (out / "stale.txt").write_text("old")
+    write_report(report, out)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
