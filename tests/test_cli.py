@@ -132,7 +132,8 @@ def test_evaluate_one_model(run_cli, trained, small_data, tmp_path):
 
 
 def test_demo_with_tiny_model_runs_the_main_job_offline(run_cli, tmp_path):
-    result = run_cli("demo", "--model", "tiny", "--output-dir", tmp_path / "demo", timeout=600)
+    # A short run keeps the suite fast; the full-length demo is timed for the README instead.
+    result = run_cli("demo", "--model", "tiny", "--output-dir", tmp_path / "demo", "--max-steps", "30", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for step in ("1/4 inspect", "2/4 train", "3/4 compare", "4/4 sample predictions"):
         assert step in result.stdout

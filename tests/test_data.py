@@ -1,9 +1,13 @@
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from loratune.config import DataConfig
 from loratune.data import DataError, load_splits, normalize_label, read_examples, read_texts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = ["billing", "technical", "account", "shipping", "other"]
 
@@ -116,3 +120,14 @@ def test_read_texts_plain_lines_and_jsonl(tmp_path):
 
 def test_normalize_label():
     assert normalize_label("  Tech   Support ") == "tech support"
+
+
+def test_shipped_demo_data_has_no_duplicates_or_templated_near_duplicates():
+    import subprocess
+
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "data").glob("*/*.jsonl"))
+    assert len(files) == 6
+    result = subprocess.run([sys.executable, "scripts/check_dataset.py", *files], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout
+    assert "exact duplicates: 0; pairs above Jaccard 0.6: 0" in result.stdout

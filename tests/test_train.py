@@ -58,7 +58,8 @@ def test_adapter_changes_the_models_outputs(trained, small_data):
     base = Classifier.from_pretrained(meta["base_model"], labels=tuned.labels)
     p_tuned, p_base = tuned.predict_proba(texts), base.predict_proba(texts)
     assert abs(p_tuned - p_base).max() > 0.05
-    acc = lambda probs: sum(tuned.labels[i] == g for i, g in zip(probs.argmax(1), gold)) / len(gold)
+    def acc(probs):
+        return sum(tuned.labels[i] == g for i, g in zip(probs.argmax(1), gold)) / len(gold)
     assert acc(p_tuned) == pytest.approx(meta["metrics"]["best_val_accuracy"], abs=1e-9)
     assert acc(p_tuned) > acc(p_base)
 
@@ -162,7 +163,7 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_t5, small_data, tmp_pat
 
 def test_two_process_data_parallel_training_with_torchrun(tiny_t5, small_data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "loratune", "train", "--model", tiny_t5, "--train", small_data["train"], "--val", small_data["val"],
            "--output-dir", out, "--max-steps", "8", "--batch-size", "8", "--lr", "0.005", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -58,7 +58,8 @@ def resolve_model_name(name: str, texts=(), labels=None) -> str:
     """Turn ``tiny`` into the cached tiny model's directory (built on first use); other names pass through."""
     if name != TINY_NAME:
         return name
-    print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
+        print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
     kwargs = {"labels": labels} if labels else {}
     return str(tiny_model(texts, **kwargs))
 
@@ -70,6 +71,9 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     kwargs: dict[str, Any] = dict(revision=revision, trust_remote_code=trust_remote_code)
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
+        if not path.exists():
+            raise LoratuneError(f"{name} does not exist: pass a model directory saved by save_pretrained, "
+                                f"an adapter directory, or a hub id")
         if not (path / "config.json").is_file():
             raise LoratuneError(f"model directory {name} has no config.json (save it with save_pretrained)")
         try:

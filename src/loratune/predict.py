@@ -225,7 +225,7 @@ class Classifier:
         if mode == "score":
             probs = self.predict_proba_prompts(prompts, progress=progress)
             return [
-                Prediction(self.labels[int(row.argmax())], {l: float(p) for l, p in zip(self.labels, row)})
+                Prediction(self.labels[int(row.argmax())], {label: float(p) for label, p in zip(self.labels, row)})
                 for row in probs
             ]
         if mode == "generate":

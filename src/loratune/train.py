@@ -208,6 +208,7 @@ def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> Train
         use_cpu=device.type == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
         report_to="none",
+        log_level_replica="error",  # other ranks would repeat every library warning
         disable_tqdm=True,  # ProgressBar below shows loss and samples/s instead
         restore_callback_states_from_checkpoint=True,
         dataloader_pin_memory=device.type == "cuda",
