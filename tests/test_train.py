@@ -163,9 +163,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_t5, small_data, tmp_pat
 
 def test_two_process_data_parallel_training_with_torchrun(tiny_t5, small_data, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "loratune", "train", "--model", tiny_t5, "--train", small_data["train"], "--val", small_data["val"],
-           "--output-dir", out, "--max-steps", "8", "--batch-size", "8", "--lr", "0.005", "--json"]
+    train_args = ["-m", "loratune", "train", "--model", tiny_t5, "--train", small_data["train"], "--val",
+                  small_data["val"], "--max-steps", "8", "--batch-size", "8", "--lr", "0.005", "--json"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *train_args,
+           "--output-dir", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,3 +177,9 @@ def test_two_process_data_parallel_training_with_torchrun(tiny_t5, small_data, t
     meta = json.loads((out / "final" / "loratune.json").read_text())
     assert meta["metrics"]["epochs"] == pytest.approx(128 / 240, abs=0.01)
     assert (out / "final" / "adapter_model.safetensors").is_file()
+    # The logged loss is a per-example mean in both set-ups, not scaled by the number of processes.
+    single = subprocess.run([str(c) for c in [sys.executable, *train_args, "--output-dir", tmp_path / "one"]],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT, check=True)
+    one = json.loads(single.stdout[single.stdout.index("{"):single.stdout.rindex("}") + 1])
+    ratio = summary["metrics"]["loss_history"][0] / one["metrics"]["loss_history"][0]
+    assert 0.67 < ratio < 1.5, ratio

@@ -167,14 +167,15 @@ def predict(
     input_path: Annotated[Optional[Path], typer.Option("--input", help="File of texts: .jsonl/.csv (--text-field) or plain lines.")] = None,
     adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, labels: LabelsOpt = None,
     text_field: TextFieldOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
-    top_k: Annotated[int, typer.Option("--top-k", help="Show the K most likely labels (score mode).")] = 1,
+    top_k: Annotated[Optional[int], typer.Option(
+        "--top-k", help="Keep the K most likely labels (score mode; default: 3 in the table, all in --json).")] = None,
     json_out: JsonOpt = False, sets: SetOpt = None,
 ):
     """Classify text with an adapter (or a base model prompted alone)."""
     cfg = _config(config, sets, **{"model.name": model, "data.labels": labels, "data.text_field": text_field,
                                    "predict.mode": mode, "predict.batch_size": batch_size})
     validate(cfg)
-    if top_k < 1:
+    if top_k is not None and top_k < 1:
         raise LoratuneError("--top-k must be at least 1")
     texts = _read_inputs(text, input_path, cfg)
     if not texts:
@@ -188,7 +189,7 @@ def predict(
     if json_out:
         for t, p in zip(texts, predictions):
             scores = p.scores
-            if scores is not None and top_k < len(scores):
+            if scores is not None and top_k is not None and top_k < len(scores):
                 scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[:top_k])
             print(json.dumps({"text": t, "label": p.label, "scores": scores, "raw": p.raw}, ensure_ascii=False))
         return
@@ -198,7 +199,7 @@ def predict(
     table = Table("text", "label", "top scores" if clf.mode == "score" else "raw output")
     for t, p in zip(texts, predictions):
         if p.scores is not None:
-            best = sorted(p.scores.items(), key=lambda kv: -kv[1])[:top_k]
+            best = sorted(p.scores.items(), key=lambda kv: -kv[1])[: top_k or 3]
             detail = ", ".join(f"{label} {prob:.3f}" for label, prob in best)
         else:
             detail = p.raw or ""

@@ -76,7 +76,8 @@ def render(report: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table("label", "train", "val", title=f"{report['train']}  |  val: {report['val']}")
+    console.print(f"train: {report['train']}   val: {report['val']}", highlight=False)
+    table = Table("label", "train", "val")
     for label in report["labels"]:
         table.add_row(label, str(report["counts"]["train"][label]), str(report["counts"]["val"][label]))
     table.add_row("[bold]total[/bold]", str(report["n"]["train"]), str(report["n"]["val"]))

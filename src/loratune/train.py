@@ -221,6 +221,13 @@ class ClassifierTrainer(Trainer):
 
     accuracy_inputs: tuple = ()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # T5 averages its own loss and ignores num_items_in_batch. If the Trainer believes the model uses it, it
+        # multiplies the loss by the world size under DDP, which doubles logged losses and gradients on 2 ranks.
+        # Per-rank mean losses averaged by DDP are what we want for every family.
+        self.model_accepts_loss_kwargs = False
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
