@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import DATA
 
-SUBCOMMANDS = ["inspect", "train", "predict", "evaluate", "compare", "demo"]
+SUBCOMMANDS = ["inspect", "train", "predict", "evaluate", "compare", "serve", "demo"]
 
 
 def test_help_lists_the_subcommands(run_cli):

@@ -356,6 +356,37 @@ def demo(
     print(f"\nadapter: {result.adapter_dir}\nreport:  {report_dir / 'report.md'}")
 
 
+@app.command()
+def serve(
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        "--adapter", help="Adapter directory, or NAME=DIR; repeat to serve several adapters of one base model "
+                          "(default: OUTPUT_DIR/final).")] = None,
+    config: ConfigOpt = None, model: ModelOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
+    host: Annotated[Optional[str], typer.Option(
+        "--host", help="Interface to bind: 127.0.0.1 (default) stays local, 0.0.0.0 exposes the server.")] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (default 8000; 0 picks a free one).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(
+        "--api-key", envvar="LORATUNE_API_KEY", show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on all routes but /healthz and /readyz "
+             "(prefer the env var: flags show in ps).")] = None,
+    max_chars: Annotated[Optional[int], typer.Option("--max-chars", help="Longest text accepted, in characters.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most texts accepted in one request.")] = None,
+    max_wait_ms: Annotated[Optional[float], typer.Option(
+        "--max-wait-ms", help="How long a request waits for others to share its forward pass.")] = None,
+    sets: SetOpt = None,
+):
+    """Serve adapters over HTTP (FastAPI): POST /v1/classify, GET /v1/labels, /healthz, /readyz, docs at /docs."""
+    from .serve import parse_adapter_specs, run
+
+    cfg = _config(config, sets, **{"model.name": model, "predict.mode": mode, "predict.batch_size": batch_size,
+                                   "serve.host": host, "serve.port": port, "serve.max_chars": max_chars,
+                                   "serve.max_batch": max_batch, "serve.max_wait_ms": max_wait_ms})
+    validate(cfg)
+    adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
+    _quiet_libraries()
+    run(adapters, cfg, base_model=model, api_key=api_key or None)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; usage errors exit 2; anything else keeps its traceback."""
     try:

@@ -110,6 +110,19 @@ class PredictConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    """Interface to listen on; 127.0.0.1 keeps the server local, 0.0.0.0 exposes it to the network."""
+    port: int = 8000
+    max_chars: int = 4000
+    """Longest text accepted, in characters (longer: 413)."""
+    max_batch: int = 64
+    """Most texts accepted in one request (more: 413)."""
+    max_wait_ms: float = 5.0
+    """How long a request waits for others to share its forward pass (micro-batching)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +130,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,6 +259,14 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"predict.mode must be one of {', '.join(MODES)} (got {cfg.predict.mode!r})")
     if cfg.predict.batch_size < 1:
         problems.append(f"predict.batch_size must be >= 1 (got {cfg.predict.batch_size})")
+    if not 0 <= cfg.serve.port <= 65535:
+        problems.append(f"serve.port must be in 0..65535 (got {cfg.serve.port})")
+    if cfg.serve.max_chars < 1:
+        problems.append(f"serve.max_chars must be >= 1 (got {cfg.serve.max_chars})")
+    if cfg.serve.max_batch < 1:
+        problems.append(f"serve.max_batch must be >= 1 (got {cfg.serve.max_batch})")
+    if not 0 <= cfg.serve.max_wait_ms <= 1000:
+        problems.append(f"serve.max_wait_ms must be in 0..1000 (got {cfg.serve.max_wait_ms})")
     if training:
         t = cfg.train
         if t.epochs <= 0 and t.max_steps <= 0:

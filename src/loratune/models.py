@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,11 +193,12 @@ def read_metadata(adapter_dir: str | Path) -> dict:
     return meta
 
 
-def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=None):
+def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=None, adapter_name: str = "default"):
     """Load base + adapter as described by the adapter's metadata. Returns (LoadedModel with PeftModel, meta).
 
     ``base_model`` overrides the recorded base (e.g. the same model at another path); it must have the same
-    architecture, or this raises LoratuneError rather than loading mismatched weights.
+    architecture, or this raises LoratuneError rather than loading mismatched weights. ``adapter_name`` is
+    the adapter's PEFT name (see :func:`load_adapters`).
     """
     from peft import PeftModel
     from safetensors import SafetensorError
@@ -212,7 +214,7 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
             f"architecture or vocabulary; pass --model with the adapter's base model"
         )
     try:
-        model = PeftModel.from_pretrained(base.model, str(adapter_dir), is_trainable=False)
+        model = PeftModel.from_pretrained(base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
     except (SafetensorError, RuntimeError, ValueError, OSError, KeyError) as exc:
         raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
     # The tokenizer saved with the adapter is the one it was trained with.
@@ -220,3 +222,45 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     return LoadedModel(model, tokenizer, base.family, base_name, base.config_fingerprint), meta
+
+
+def check_shared_base(metas: Mapping[str, dict], base_model: str | None = None) -> None:
+    """Raise LoratuneError unless all adapters (name -> metadata) were trained on the same base model.
+
+    Same architecture fingerprint always; same recorded base name too, unless ``base_model`` overrides it.
+    """
+    (first, first_meta), *rest = metas.items()
+    for name, meta in rest:
+        if base_model is None and meta["base_model"] != first_meta["base_model"]:
+            problem = f"different base models ({first_meta['base_model']!r} and {meta['base_model']!r})"
+        elif meta.get("base_config_fingerprint") != first_meta.get("base_config_fingerprint"):
+            problem = "base models of different architecture or vocabulary"
+        else:
+            continue
+        raise LoratuneError(
+            f"adapters {first!r} and {name!r} were trained on {problem}; adapters served together must share "
+            f"one base model, so serve the others from another process"
+        )
+
+
+def load_adapters(adapter_dirs: Mapping[str, str | Path], base_model: str | None = None, dtype=None):
+    """Load several adapters onto ONE copy of their shared base model, each under its own PEFT adapter name.
+
+    Returns (PeftModel, {name: (tokenizer, meta)}); pick the adapter for a forward pass with
+    ``model.set_adapter(name)``. Adapters trained on different base models raise LoratuneError.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    metas = {name: read_metadata(path) for name, path in adapter_dirs.items()}
+    check_shared_base(metas, base_model)
+    (first, first_dir), *rest = adapter_dirs.items()
+    loaded, _ = load_adapter(first_dir, base_model=base_model, dtype=dtype, adapter_name=first)
+    model, tokenizers = loaded.model, {first: loaded.tokenizer}
+    for name, adapter_dir in rest:
+        try:
+            model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
+        except (SafetensorError, RuntimeError, ValueError, OSError, KeyError) as exc:
+            raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
+        tokenizers[name] = AutoTokenizer.from_pretrained(str(adapter_dir))
+    return model, {name: (tokenizers[name], metas[name]) for name in adapter_dirs}

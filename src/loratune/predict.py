@@ -53,6 +53,13 @@ def pick_device(device: str | None = None):
     return torch.device("cpu")
 
 
+def inference_dtype(device):
+    """bf16 on CUDA GPUs that support it (T5 overflows in fp16), else the checkpoint's own dtype."""
+    import torch
+
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
 def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so padding costs little."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -173,10 +180,8 @@ class Classifier:
         For a base model, ``labels``/``task``/``input_name`` set the prompt (defaults: the support-ticket
         prompt). For an adapter they come from its metadata and must not disagree with it.
         """
-        import torch
-
         dev = pick_device(device)
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        dtype = inference_dtype(dev)
         path_str = str(path)
         if (Path(path_str) / META_FILE).is_file():
             loaded, meta = load_adapter(path_str, base_model=base_model, dtype=dtype)
@@ -192,10 +197,9 @@ class Classifier:
                     model = loaded.model.merge_and_unload()
             else:
                 model = loaded.model
-            prompt = meta["prompt"]
-            kwargs = dict(labels=meta["labels"], family=meta["family"], task=prompt["task"],
-                          input_name=prompt["input_name"], multi_label=meta.get("multi_label", False),
-                          max_length=meta.get("max_length", 384), metadata=meta, name=path_str)
+            model.to(dev).eval()
+            return cls.for_adapter(model, loaded.tokenizer, meta, name=path_str, mode=mode, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens)
         else:
             resolved = resolve_model_name(path_str, labels=labels)
             loaded = load_base(resolved, revision=revision, dtype=dtype)
@@ -207,6 +211,17 @@ class Classifier:
         model.to(dev).eval()
         return cls(model, loaded.tokenizer, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    **kwargs)
+
+    @classmethod
+    def for_adapter(cls, model, tokenizer, meta: dict, *, name: str = "", **kwargs) -> Classifier:
+        """A Classifier over an already loaded adapter model, with labels and prompt from its ``loratune.json``.
+
+        For callers that load models themselves, e.g. the server's several adapters over one base model.
+        """
+        prompt = meta["prompt"]
+        return cls(model, tokenizer, labels=meta["labels"], family=meta["family"], task=prompt["task"],
+                   input_name=prompt["input_name"], multi_label=meta.get("multi_label", False),
+                   max_length=meta.get("max_length", 384), metadata=meta, name=name, **kwargs)
 
     @property
     def device(self):
