@@ -41,6 +41,10 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5).")]
+AllowEmptyOpt = Annotated[Optional[bool], typer.Option(
+    "--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one).")]
 
 
 def _config(config: Path | None, sets: list[str] | None, **flags) -> Config:
@@ -137,13 +141,15 @@ def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None,
     from .predict import Classifier
 
     mode = mode or cfg.predict.mode
+    decision = dict(threshold=cfg.predict.threshold, allow_empty=cfg.predict.allow_empty)
     if adapter is not None:
         return Classifier.from_pretrained(adapter, mode=mode, base_model=base_override,
                                           batch_size=cfg.predict.batch_size, merge=cfg.predict.merge,
-                                          max_new_tokens=cfg.predict.max_new_tokens)
+                                          max_new_tokens=cfg.predict.max_new_tokens, **decision)
     return Classifier.from_pretrained(cfg.model.name, mode=mode, labels=cfg.data.labels, task=cfg.prompt.task,
                                       input_name=cfg.prompt.input_name, batch_size=cfg.predict.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision)
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision,
+                                      multi_label=cfg.data.multi_label, **decision)
 
 
 def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
@@ -169,11 +175,14 @@ def predict(
     text_field: TextFieldOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Keep the K most likely labels (score mode; default: 3 in the table, all in --json).")] = None,
-    json_out: JsonOpt = False, sets: SetOpt = None,
+    json_out: JsonOpt = False, sets: SetOpt = None, multi_label: MultiLabelOpt = None,
+    threshold: ThresholdOpt = None, allow_empty: AllowEmptyOpt = None,
 ):
     """Classify text with an adapter (or a base model prompted alone)."""
     cfg = _config(config, sets, **{"model.name": model, "data.labels": labels, "data.text_field": text_field,
-                                   "predict.mode": mode, "predict.batch_size": batch_size})
+                                   "predict.mode": mode, "predict.batch_size": batch_size,
+                                   "data.multi_label": multi_label, "predict.threshold": threshold,
+                                   "predict.allow_empty": allow_empty})
     validate(cfg)
     if top_k is not None and top_k < 1:
         raise LoratuneError("--top-k must be at least 1")
@@ -191,7 +200,10 @@ def predict(
             scores = p.scores
             if scores is not None and top_k is not None and top_k < len(scores):
                 scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[:top_k])
-            print(json.dumps({"text": t, "label": p.label, "scores": scores, "raw": p.raw}, ensure_ascii=False))
+            row = {"text": t, "label": p.label, "scores": scores, "raw": p.raw}
+            if p.labels is not None:
+                row.update(labels=p.labels, unknown=p.unknown)
+            print(json.dumps(row, ensure_ascii=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -207,13 +219,13 @@ def predict(
     Console().print(table)
 
 
-def _eval_examples(cfg: Config, labels):
+def _eval_examples(cfg: Config, labels, multi_label: bool | None = None):
     from .data import load_eval_examples
 
     path = cfg.data.test or cfg.data.val
     if not path:
         raise LoratuneError("no evaluation data: pass --test FILE")
-    return path, load_eval_examples(path, cfg.data, labels)
+    return path, load_eval_examples(path, cfg.data, labels, multi_label)
 
 
 def _modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -228,11 +240,29 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    if report.get("multi_label"):
+        return _print_multilabel_summary(report, out_dir)
     table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", "tickets/s",
                   title=f"{report['dataset']} ({report['n']} examples)")
     for r in report["results"]:
         table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
                       f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", f"{r['tickets_per_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if out_dir is not None:
+        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def _print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "tickets/s",
+                  title=f"{report['dataset']} ({report['n']} examples, multi-label)")
+    for r in report["results"]:
+        table.add_row(r["model"], r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
+                      f"{100 * r['micro_f1']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{100 * r['subset_accuracy']:.1f}%",
+                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['tickets_per_s']:.1f}")
     console = Console()
     console.print(table)
     if out_dir is not None:
@@ -257,19 +287,21 @@ def evaluate_cmd(
     adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
     text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, labels: LabelsOpt = None,
     mode: ModeOpt = None, batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False,
-    sets: SetOpt = None,
+    sets: SetOpt = None, multi_label: MultiLabelOpt = None, threshold: ThresholdOpt = None,
+    allow_empty: AllowEmptyOpt = None,
 ):
     """Metrics for one model (adapter, or base model prompted alone) on a labelled file."""
     from .evaluate import write_report
 
     cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
                                    "data.label_field": label_field, "data.labels": labels,
-                                   "predict.batch_size": batch_size})
+                                   "predict.batch_size": batch_size, "data.multi_label": multi_label,
+                                   "predict.threshold": threshold, "predict.allow_empty": allow_empty})
     validate(cfg)
     modes = _modes(mode, (cfg.predict.mode,))
     _quiet_libraries()
     clf = _load_classifier(adapter, cfg, modes[0], base_override=model)
-    path, examples = _eval_examples(cfg, clf.labels)
+    path, examples = _eval_examples(cfg, clf.labels, clf.multi_label)
     name = "adapter" if adapter else "base"
     report = _run_eval([(name, clf)], examples, modes, path, clf.labels)
     out = Path(output_dir or "outputs/evaluate")
@@ -311,13 +343,53 @@ def run_compare(adapter: Path, cfg: Config, modes, out: Path, base_override: str
     base_name = base_override or meta["base_model"]
     base = Classifier.from_pretrained(base_name, mode=modes[0], labels=tuned.labels, task=tuned.task,
                                       input_name=tuned.input_name, batch_size=tuned.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"))
-    path, examples = _eval_examples(cfg, tuned.labels)
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"),
+                                      multi_label=tuned.multi_label, threshold=cfg.predict.threshold,
+                                      allow_empty=cfg.predict.allow_empty)
+    path, examples = _eval_examples(cfg, tuned.labels, tuned.multi_label)
     report = _run_eval([("base", base), ("adapter", tuned)], examples, modes, path, tuned.labels)
     report["base_model"] = meta.get("base_model_requested", base_name)
     report["adapter"] = str(adapter)
     write_report(report, out)
     return report, out
+
+
+@app.command()
+def calibrate(
+    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, val: ValOpt = None,
+    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, batch_size: BatchOpt = None,
+    allow_empty: AllowEmptyOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
+):
+    """Multi-label: pick the decision threshold that maximises micro-F1 on validation data; save it with the adapter."""
+    from .data import load_eval_examples
+    from .evaluate import calibrate as run_calibrate
+    from .evaluate import write_threshold
+    from .models import META_FILE
+
+    if adapter is None:
+        raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
+    if not (adapter / META_FILE).is_file():
+        raise LoratuneError(f"{adapter} is not an adapter directory (no {META_FILE}); pass --adapter OUTPUT_DIR/final")
+    cfg = _config(config, sets, **{"data.text_field": text_field, "data.label_field": label_field,
+                                   "predict.batch_size": batch_size, "predict.allow_empty": allow_empty})
+    validate(cfg)
+    _quiet_libraries()
+    clf = _load_classifier(adapter, cfg, "score", base_override=model)
+    # Without --val: the validation file the adapter was trained with (recorded in its metadata).
+    path = val or clf.metadata.get("config", {}).get("data", {}).get("val")
+    if not path or path == "none":
+        raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
+    examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
+    bar = _progress(len(examples), "calibrate")
+    found = run_calibrate(clf, examples, progress=bar.update)
+    bar.close()
+    meta_path = write_threshold(adapter, found, str(path))
+    if json_out:
+        print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
+        return
+    print(f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
+          f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}")
+    print(f"written to {meta_path} (override with --threshold)")
 
 
 @app.command()

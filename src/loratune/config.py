@@ -107,6 +107,11 @@ class PredictConfig:
     max_new_tokens: int = 32
     merge: bool = True
     """Merge LoRA weights into the base for inference (same outputs, less work per token)."""
+    threshold: float | None = None
+    """Multi-label score mode: predict a label when its probability is >= this. Empty: the adapter's calibrated
+    threshold (``loratune calibrate``), else 0.5."""
+    allow_empty: bool = False
+    """Multi-label score mode: allow no label at all (by default the most probable label is always returned)."""
 
 
 @dataclass
@@ -267,6 +272,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"serve.max_batch must be >= 1 (got {cfg.serve.max_batch})")
     if not 0 <= cfg.serve.max_wait_ms <= 1000:
         problems.append(f"serve.max_wait_ms must be in 0..1000 (got {cfg.serve.max_wait_ms})")
+    if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
+        problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
     if training:
         t = cfg.train
         if t.epochs <= 0 and t.max_steps <= 0:

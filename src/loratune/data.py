@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import DataConfig
 from .errors import LoratuneError
+from .prompt import LABEL_SEPARATOR
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -259,13 +260,41 @@ def split_train_val(examples: Sequence[Example], fraction: float, seed: int) -> 
     return train, val
 
 
+def first_list_label(path: str | Path, label_field: str = "label") -> str | None:
+    """``FILE:LINE`` of the first list-valued label in a JSONL file, else None (a CSV cell is always a string)."""
+    path = Path(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES:
+        return None
+    for where, _, record in _records(path):
+        if isinstance(record.get(label_field), list):
+            return where
+    return None
+
+
+def check_multi_label_names(labels: Sequence[str]) -> None:
+    """Multi-label outputs are comma-separated lists, so a label containing the separator could not be read back."""
+    separator = LABEL_SEPARATOR.strip()
+    bad = [label for label in labels if separator in label]
+    if bad:
+        raise DataError(f"label(s) {', '.join(map(repr, bad))} contain {separator!r}, which separates labels in "
+                        f"multi-label outputs; rename them")
+
+
 def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
-    """Load train and validation data as configured, settle the label set, and validate every label."""
+    """Load train and validation data as configured, settle the label set, and validate every label.
+
+    A list-valued label in a JSONL training file makes the data multi-label even without ``--multi-label``;
+    the first such line is named in ``Splits.warnings`` so the switch is never silent.
+    """
+    detected = None if cfg.multi_label else first_list_label(cfg.train, cfg.label_field)
+    multi_label = cfg.multi_label or detected is not None
     read = dict(text_field=cfg.text_field, label_field=cfg.label_field,
-                multi_label=cfg.multi_label, label_delimiter=cfg.label_delimiter)
+                multi_label=multi_label, label_delimiter=cfg.label_delimiter)
     train = read_examples(cfg.train, **read)
     labels = resolve_labels(cfg.labels, train)
     check_labels(train, labels)
+    if multi_label:
+        check_multi_label_names(labels)
     if cfg.val:
         val = read_examples(cfg.val, **read)
         check_labels(val, labels)
@@ -277,13 +306,21 @@ def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
     imbalance = imbalance_warning(label_counts(train), labels)
     if imbalance:
         warnings.append(imbalance)
-    return Splits(train=train, val=val, labels=labels, multi_label=cfg.multi_label,
+    if detected:
+        warnings.insert(0, f"multi-label data detected ({detected} has a list of labels): each example may carry "
+                           f"several labels; pass --multi-label to make this explicit")
+    return Splits(train=train, val=val, labels=labels, multi_label=multi_label,
                   warnings=warnings, val_is_split=is_split)
 
 
-def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str]) -> list[Example]:
-    """Read a labelled evaluation file and check its labels against the model's label set."""
-    examples = read_examples(path, cfg.text_field, cfg.label_field, cfg.multi_label, cfg.label_delimiter)
+def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
+                       multi_label: bool | None = None) -> list[Example]:
+    """Read a labelled evaluation file and check its labels against the model's label set.
+
+    ``multi_label`` (the model's own setting) overrides ``cfg.multi_label`` when given.
+    """
+    multi_label = cfg.multi_label if multi_label is None else multi_label
+    examples = read_examples(path, cfg.text_field, cfg.label_field, multi_label, cfg.label_delimiter)
     check_labels(examples, labels)
     return examples
 

@@ -1,7 +1,11 @@
 """Metrics for end-to-end predictions (never teacher-forced tokens), base-vs-adapter comparison, reports.
 
 Reports go to one directory, written atomically: ``report.json``, ``report.md`` and one confusion-matrix PNG
-per model and mode.
+per model and mode (multi-label: one 2x2 matrix per label in the PNG).
+
+Multi-label classifiers are scored on label sets: micro/macro F1, subset accuracy (the whole set right),
+Hamming loss (share of wrong label decisions) and per-label P/R/F1/support. :func:`calibrate_threshold` picks
+their decision threshold on validation data.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import replace_dir, temp_dir_beside
-from .data import Example
-from .predict import INVALID, Classifier, Prediction
+import numpy as np
+
+from .atomic import replace_dir, temp_dir_beside, write_text
+from .data import Example, example_labels
+from .errors import LoratuneError
+from .models import META_FILE
+from .predict import DEFAULT_THRESHOLD, INVALID, Classifier, Prediction, decide_labels
 
 
 @dataclass
@@ -53,6 +61,51 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
     }
 
 
+def compute_multilabel_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: Sequence[str],
+                               n_invalid: int = 0, n_unknown: int = 0) -> dict:
+    """Micro/macro F1, subset accuracy, Hamming loss, per-label P/R/F1/support and 2x2 matrices (scikit-learn).
+
+    ``n_invalid`` outputs with no known label (generate mode) are already empty sets in ``pred``; they and the
+    ``n_unknown`` dropped pieces are reported, not re-scored.
+    """
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        hamming_loss,
+        multilabel_confusion_matrix,
+        precision_recall_fscore_support,
+        precision_score,
+        recall_score,
+    )
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    labels = list(labels)
+    binarizer = MultiLabelBinarizer(classes=labels)
+    y_true, y_pred = binarizer.fit_transform(gold), binarizer.transform(pred)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, zero_division=0)
+    matrices = multilabel_confusion_matrix(y_true, y_pred)
+    return {
+        "n": len(gold),
+        "multi_label": True,
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "micro_precision": float(precision_score(y_true, y_pred, average="micro", zero_division=0)),
+        "micro_recall": float(recall_score(y_true, y_pred, average="micro", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(hamming_loss(y_true, y_pred)),
+        "labels_per_example": {"gold": float(y_true.sum(1).mean()) if len(gold) else 0.0,
+                               "pred": float(y_pred.sum(1).mean()) if len(gold) else 0.0},
+        "invalid_rate": n_invalid / max(len(pred), 1),
+        "unknown_labels": n_unknown,
+        "per_label": {
+            label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+            for label, p, r, f, n in zip(labels, precision, recall, f1, support)
+        },
+        # scikit-learn's layout per label: [[true negatives, false positives], [false negatives, true positives]]
+        "confusion_matrix": {"labels": labels, "values": matrices.tolist()},
+    }
+
+
 def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | None = None,
              name: str | None = None, progress=None) -> EvalResult:
     """Predict every example end to end and score the predictions; includes latency and throughput."""
@@ -61,7 +114,15 @@ def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | No
     start = time.perf_counter()
     predictions = classifier.predict(texts, mode=mode, progress=progress)
     seconds = time.perf_counter() - start
-    metrics = compute_metrics([e.label for e in examples], [p.label for p in predictions], classifier.labels)
+    if classifier.multi_label:
+        metrics = compute_multilabel_metrics(
+            [example_labels(e) for e in examples], [p.labels for p in predictions], classifier.labels,
+            n_invalid=sum(p.label == INVALID for p in predictions),
+            n_unknown=sum(len(p.unknown or ()) for p in predictions))
+        if mode == "score":
+            metrics.update(threshold=classifier.threshold, allow_empty=classifier.allow_empty)
+    else:
+        metrics = compute_metrics([e.label for e in examples], [p.label for p in predictions], classifier.labels)
     metrics.update({
         "seconds": seconds,
         "ms_per_ticket": 1000 * seconds / max(len(texts), 1),
@@ -94,6 +155,8 @@ def build_report(results: Sequence[EvalResult], examples: Sequence[Example], dat
         "results": [{"model": r.name, "mode": r.mode, **r.metrics} for r in results],
         "disagreements": {},
     }
+    if any(r.metrics.get("multi_label") for r in results):
+        report["multi_label"] = True
     names = list(dict.fromkeys(r.name for r in results))
     if len(names) >= 2:
         for mode in dict.fromkeys(r.mode for r in results):
@@ -108,6 +171,8 @@ def _fmt(x: float, pct: bool = True) -> str:
 
 
 def report_markdown(report: dict) -> str:
+    if report.get("multi_label"):
+        return multilabel_report_markdown(report)
     lines = [f"# loratune report: {report['dataset']} ({report['n']} examples)", "",
              "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | ms/ticket | tickets/s |",
              "|---|---|---|---|---|---|---|---|"]
@@ -128,19 +193,51 @@ def report_markdown(report: dict) -> str:
         for row_label, row in zip(cm["rows"], cm["values"]):
             lines.append(f"| {row_label} | " + " | ".join(str(v) for v in row) + " |")
         lines.append("")
+    lines += _disagreement_lines(report)
+    return "\n".join(lines)
+
+
+def multilabel_report_markdown(report: dict) -> str:
+    lines = [f"# loratune report: {report['dataset']} ({report['n']} examples, multi-label)", "",
+             "| model | mode | micro-F1 | macro-F1 | subset accuracy | Hamming loss | labels/example | invalid | "
+             "unknown labels | ms/ticket | tickets/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        per = r["labels_per_example"]
+        lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])} | "
+                     f"{_fmt(r['subset_accuracy'])} | {r['hamming_loss']:.3f} | {per['pred']:.2f} (gold {per['gold']:.2f}) | "
+                     f"{_fmt(r['invalid_rate'])} | {r['unknown_labels']} | {r['ms_per_ticket']:.1f} | {r['tickets_per_s']:.1f} |")
+    lines += ["", "End-to-end predictions only. Subset accuracy: the whole label set right. Hamming loss: share of "
+              "wrong yes/no label decisions. `invalid`: generated text with no known label; `unknown labels`: "
+              "pieces of generated lists that matched no label (dropped).", ""]
+    for r in report["results"]:
+        threshold = f", threshold {r['threshold']:.2f}" if "threshold" in r else ""
+        lines += [f"## {r['model']} ({r['mode']}{threshold})", "",
+                  "| label | precision | recall | F1 | support | TP | FP | FN | TN |", "|---|---|---|---|---|---|---|---|---|"]
+        for (label, m), ((tn, fp), (fn, tp)) in zip(r["per_label"].items(), r["confusion_matrix"]["values"]):
+            lines.append(f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} | "
+                         f"{tp} | {fp} | {fn} | {tn} |")
+        lines.append("")
+    lines += _disagreement_lines(report)
+    return "\n".join(lines)
+
+
+def _disagreement_lines(report: dict) -> list[str]:
+    lines = []
     for mode, rows in report["disagreements"].items():
         if not rows:
             continue
         lines += [f"## Where the models disagree ({mode} mode)", ""]
         for row in rows:
+            gold = row["gold"] if isinstance(row["gold"], str) else ", ".join(row["gold"])
             lines.append(f"- **Input:** {row['text']}  ")
-            lines.append(f"  **Gold:** {row['gold']}  ")
+            lines.append(f"  **Gold:** {gold}  ")
             for key, value in row.items():
                 if isinstance(value, dict):
                     raw = f" (raw: `{value['raw']}`)" if value.get("raw") is not None else ""
                     lines.append(f"  **{key}:** {value['label']}{raw}  ")
         lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def plot_confusion(metrics: dict, title: str, path: Path) -> None:
@@ -169,6 +266,31 @@ def plot_confusion(metrics: dict, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_multilabel_confusion(metrics: dict, title: str, path: Path) -> None:
+    """One 2x2 matrix per label (rows: true no/yes, columns: predicted no/yes), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = metrics["confusion_matrix"]
+    n = len(cm["labels"])
+    fig, axes = plt.subplots(1, n, figsize=(2.3 * n + 0.5, 3.0), squeeze=False)
+    for ax, label, values in zip(axes[0], cm["labels"], np.array(cm["values"])):
+        ax.imshow(values, cmap="Blues", vmin=0, vmax=max(int(values.max()), 1))
+        ax.set_xticks([0, 1], ["no", "yes"])
+        ax.set_yticks([0, 1], ["no", "yes"])
+        ax.set_xlabel("predicted")
+        ax.set_title(label)
+        for (i, j), v in np.ndenumerate(values):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > values.max() / 2 else "black")
+    axes[0][0].set_ylabel("true")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_")[:60] or "model"
 
@@ -181,7 +303,10 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
         for r in report["results"]:
             png = f"confusion_{_slug(r['model'])}_{r['mode']}.png"
             r["confusion_png"] = png
-            plot_confusion(r, f"{r['model']} ({r['mode']}): accuracy {100 * r['accuracy']:.1f}%", tmp / png)
+            if r.get("multi_label"):
+                plot_multilabel_confusion(r, f"{r['model']} ({r['mode']}): micro-F1 {100 * r['micro_f1']:.1f}%", tmp / png)
+            else:
+                plot_confusion(r, f"{r['model']} ({r['mode']}): accuracy {100 * r['accuracy']:.1f}%", tmp / png)
         (tmp / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
         (tmp / "report.md").write_text(report_markdown(report), encoding="utf-8")
         replace_dir(tmp, out_dir)
@@ -191,3 +316,52 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# Multi-label threshold calibration.
+
+THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
+
+
+def micro_f1(gold: np.ndarray, chosen: np.ndarray) -> float:
+    tp = float((gold & chosen).sum())
+    wrong = float((gold ^ chosen).sum())
+    return 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+
+
+def calibrate_threshold(probs: np.ndarray, gold: np.ndarray, allow_empty: bool = False) -> tuple[float, float]:
+    """The threshold (0.01 to 0.99) whose decisions maximise micro-F1, ties going to the one nearest 0.5.
+
+    ``probs`` are per-label probabilities and ``gold`` the true (N, L) indicator matrix; decisions follow
+    :func:`~loratune.predict.decide_labels`, so the at-least-one-label rule is part of what is tuned.
+    Returns (threshold, micro-F1 at it).
+    """
+    gold = np.asarray(gold, dtype=bool)
+    scored = [(micro_f1(gold, decide_labels(probs, t, allow_empty)), -abs(t - DEFAULT_THRESHOLD), float(t))
+              for t in THRESHOLD_GRID]
+    best, _, threshold = max(scored)
+    return threshold, best
+
+
+def calibrate(classifier: Classifier, examples: Sequence[Example], progress=None) -> dict:
+    """Tune a multi-label classifier's threshold on labelled (validation) examples; returns what was found."""
+    if not classifier.multi_label:
+        raise LoratuneError(f"calibrate tunes the multi-label decision threshold; {classifier.name} is single-label")
+    probs = classifier.predict_proba_prompts([classifier.format(e.text) for e in examples], progress=progress)
+    gold = np.array([[label in example_labels(e) for label in classifier.labels] for e in examples])
+    threshold, best = calibrate_threshold(probs, gold, classifier.allow_empty)
+    return {"threshold": threshold, "micro_f1": best, "allow_empty": classifier.allow_empty, "n": len(examples),
+            "micro_f1_at_default": micro_f1(gold, decide_labels(probs, DEFAULT_THRESHOLD, classifier.allow_empty)),
+            "previous_threshold": classifier.threshold}
+
+
+def write_threshold(adapter_dir: str | Path, calibration: dict, dataset: str) -> Path:
+    """Record a calibrated threshold in the adapter's ``loratune.json`` (rewritten atomically); returns its path."""
+    path = Path(adapter_dir) / META_FILE
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    meta["threshold"] = calibration["threshold"]
+    meta["calibration"] = {**calibration, "data": dataset,
+                           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_text(path, json.dumps(meta, indent=2, default=str))
+    return path

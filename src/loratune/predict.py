@@ -9,6 +9,24 @@ Two decoding modes:
 * ``generate``: greedy decoding; the raw text is mapped to a label when it matches one (case- and
   space-insensitive), else ``invalid``. This shows what the model actually says, e.g. a base model echoing
   the input.
+
+Multi-label classifiers (trained to output every label that applies, comma-separated, in label-set order):
+
+* ``score``: each label gets its own probability, ``P(label is in the answer)``. The model's answer space is
+  the 2^L - 1 non-empty label sets, each written in its one canonical form (``format_target``, exactly what
+  training taught). Every set's full sequence (with EOS) is scored as in single-label mode, a softmax over the
+  sets gives the model's distribution over answers, and a label's probability is the summed probability of the
+  sets that contain it (its marginal). These are exact under the model, need no extra "none" reference or
+  length correction, and do not sum to 1. A label is predicted when its marginal is >= ``threshold`` (0.5 by
+  default, which minimises expected Hamming loss; ``loratune calibrate`` tunes it for micro-F1 on validation
+  data); if none reaches it, the most probable label is returned unless ``allow_empty``. The cost is 2^L - 1
+  candidate sequences per text, so score mode allows at most ``MAX_SCORED_LABELS`` labels (generate mode
+  has no limit).
+* ``generate``: the output is split on commas; each piece that matches a label is kept (in label-set order),
+  the others are dropped and listed in ``Prediction.unknown``. No matching piece at all is ``invalid``.
+
+For multi-label, ``Prediction.labels`` holds the predicted labels and ``Prediction.label`` the same labels
+joined as the model writes them (``"billing, account"``), so code that reads ``label`` still sees the answer.
 """
 
 from __future__ import annotations
@@ -23,22 +41,38 @@ import numpy as np
 from .data import normalize_label
 from .errors import LoratuneError
 from .models import META_FILE, load_adapter, load_base, resolve_model_name
-from .prompt import DEFAULT_INPUT_NAME, DEFAULT_LABELS, DEFAULT_TASK, format_example
+from .prompt import DEFAULT_INPUT_NAME, DEFAULT_LABELS, DEFAULT_TASK, LABEL_SEPARATOR, format_example, format_target
 
 INVALID = "invalid"
+DEFAULT_THRESHOLD = 0.5
+MAX_SCORED_LABELS = 10
+"""Multi-label score mode scores 2^L - 1 label sets per text: 1,023 at this limit."""
+SET_TOKENS_PER_PASS = 8192
+"""Multi-label score mode: decoder positions per pass (texts x sets x tokens); about 1 GB of fp32 logits at a
+32k vocabulary."""
 
 
 @dataclass
 class Prediction:
     label: str
-    """A label from the label set, or ``invalid`` (generate mode only) when the output matches none."""
+    """A label from the label set, or ``invalid`` (generate mode only) when the output matches none.
+
+    Multi-label: the predicted labels joined as the model writes them (``"billing, account"``; ``""`` when
+    ``allow_empty`` lets the set be empty)."""
     scores: dict[str, float] | None
-    """Probability per label (score mode); None in generate mode."""
+    """Probability per label (score mode); None in generate mode. Multi-label: independent, need not sum to 1."""
     raw: str | None = None
     """The generated text (generate mode)."""
+    labels: list[str] | None = None
+    """Multi-label only: the predicted labels in label-set order."""
+    unknown: list[str] | None = None
+    """Multi-label generate mode: pieces of the output that matched no label (dropped)."""
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "scores": self.scores, "raw": self.raw}
+        out = {"label": self.label, "scores": self.scores, "raw": self.raw}
+        if self.labels is not None:
+            out.update(labels=self.labels, unknown=self.unknown)
+        return out
 
 
 def pick_device(device: str | None = None):
@@ -140,6 +174,41 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
+def label_sets(n_labels: int) -> list[tuple[int, ...]]:
+    """Every non-empty set of label indices, each in label-set order: the answers a multi-label model can give."""
+    if n_labels > MAX_SCORED_LABELS:
+        raise LoratuneError(
+            f"multi-label score mode scores all 2^L - 1 label sets and allows at most {MAX_SCORED_LABELS} labels "
+            f"(this model has {n_labels}); use --mode generate"
+        )
+    return [tuple(i for i in range(n_labels) if mask >> i & 1) for mask in range(1, 2**n_labels)]
+
+
+def seq2seq_label_marginals(model, tokenizer, prompts: Sequence[str], labels: Sequence[str],
+                            batch_size: int = 32, max_length: int = 384, progress=None) -> np.ndarray:
+    """P(label is in the answer) for each prompt and label, an (N, L) array (see the module docstring)."""
+    sets = label_sets(len(labels))
+    targets = [format_target([labels[i] for i in s], labels) for s in sets]
+    # Each text brings len(targets) decoder rows: fewer texts per pass keep the logits to a bounded size.
+    width = max(len(ids) for ids in tokenizer(targets)["input_ids"])
+    per_pass = max(1, min(batch_size, SET_TOKENS_PER_PASS // (len(targets) * width)))
+    scores = seq2seq_label_logprobs(model, tokenizer, prompts, targets, batch_size=per_pass,
+                                    max_length=max_length, progress=progress)
+    membership = np.zeros((len(sets), len(labels)))
+    for row, s in enumerate(sets):
+        membership[row, list(s)] = 1.0
+    return softmax(scores) @ membership
+
+
+def decide_labels(probs: np.ndarray, threshold: float = DEFAULT_THRESHOLD, allow_empty: bool = False) -> np.ndarray:
+    """Multi-label decisions, an (N, L) bool array: probability >= threshold; else the top label unless allow_empty."""
+    chosen = probs >= threshold
+    if not allow_empty and len(probs):
+        empty = ~chosen.any(axis=1)
+        chosen[empty, probs[empty].argmax(axis=1)] = True
+    return chosen
+
+
 class Classifier:
     """Classify text with a base model or base + LoRA adapter, through the canonical prompt.
 
@@ -150,7 +219,8 @@ class Classifier:
     def __init__(self, model, tokenizer, labels: Sequence[str], *, family: str = "seq2seq",
                  task: str = DEFAULT_TASK, input_name: str = DEFAULT_INPUT_NAME, multi_label: bool = False,
                  mode: str = "score", batch_size: int = 32, max_length: int = 384, max_new_tokens: int = 32,
-                 metadata: dict | None = None, name: str = ""):
+                 metadata: dict | None = None, name: str = "", threshold: float = DEFAULT_THRESHOLD,
+                 allow_empty: bool = False):
         if mode not in ("score", "generate"):
             raise LoratuneError(f"--mode must be score or generate, got {mode!r}")
         self.model = model
@@ -169,16 +239,22 @@ class Classifier:
         self.id2label = dict(enumerate(self.labels))
         self.label2id = {label: i for i, label in self.id2label.items()}
         self._normalized = {normalize_label(label): label for label in self.labels}
+        self.threshold = threshold
+        """Multi-label score mode: a label is predicted when its probability is >= this."""
+        self.allow_empty = allow_empty
+        """Multi-label score mode: allow an empty answer instead of falling back to the top label."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, mode: str = "score", labels: Sequence[str] | None = None,
                         task: str | None = None, input_name: str | None = None, base_model: str | None = None,
                         device: str | None = None, merge: bool = True, batch_size: int = 32,
-                        max_new_tokens: int = 32, revision: str | None = None) -> Classifier:
+                        max_new_tokens: int = 32, revision: str | None = None, multi_label: bool | None = None,
+                        threshold: float | None = None, allow_empty: bool = False) -> Classifier:
         """Load an adapter directory (with ``loratune.json``), or a base model by hub id, path or ``tiny``.
 
-        For a base model, ``labels``/``task``/``input_name`` set the prompt (defaults: the support-ticket
-        prompt). For an adapter they come from its metadata and must not disagree with it.
+        For a base model, ``labels``/``task``/``input_name``/``multi_label`` set the prompt (defaults: the
+        support-ticket prompt). For an adapter they come from its metadata and must not disagree with it.
+        ``threshold`` (multi-label) defaults to the adapter's calibrated one, else 0.5.
         """
         dev = pick_device(device)
         dtype = inference_dtype(dev)
@@ -190,6 +266,9 @@ class Classifier:
                     f"adapter {path_str} was trained on labels {', '.join(meta['labels'])}; "
                     f"--labels {', '.join(labels)} does not match"
                 )
+            if multi_label is not None and multi_label != meta.get("multi_label", False):
+                kind = "multi-label" if meta.get("multi_label", False) else "single-label"
+                raise LoratuneError(f"adapter {path_str} is {kind}; --multi-label does not match")
             if merge:
                 with warnings.catch_warnings():
                     # PEFT warns that embeddings are "no longer tied" even for untied models like T5.
@@ -198,8 +277,9 @@ class Classifier:
             else:
                 model = loaded.model
             model.to(dev).eval()
+            explicit = {} if threshold is None else {"threshold": threshold}
             return cls.for_adapter(model, loaded.tokenizer, meta, name=path_str, mode=mode, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens)
+                                   max_new_tokens=max_new_tokens, allow_empty=allow_empty, **explicit)
         else:
             resolved = resolve_model_name(path_str, labels=labels)
             loaded = load_base(resolved, revision=revision, dtype=dtype)
@@ -207,10 +287,11 @@ class Classifier:
             label_list = [normalize_label(x) for x in (labels or DEFAULT_LABELS)]
             kwargs = dict(labels=label_list, family=loaded.family, task=task or DEFAULT_TASK,
                           input_name=input_name or DEFAULT_INPUT_NAME,
-                          metadata={"base_model": resolved}, name=path_str)
+                          metadata={"base_model": resolved}, name=path_str, multi_label=bool(multi_label),
+                          threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
         model.to(dev).eval()
         return cls(model, loaded.tokenizer, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                   **kwargs)
+                   allow_empty=allow_empty, **kwargs)
 
     @classmethod
     def for_adapter(cls, model, tokenizer, meta: dict, *, name: str = "", **kwargs) -> Classifier:
@@ -219,6 +300,7 @@ class Classifier:
         For callers that load models themselves, e.g. the server's several adapters over one base model.
         """
         prompt = meta["prompt"]
+        kwargs.setdefault("threshold", meta.get("threshold", DEFAULT_THRESHOLD))  # calibrated, if it was
         return cls(model, tokenizer, labels=meta["labels"], family=meta["family"], task=prompt["task"],
                    input_name=prompt["input_name"], multi_label=meta.get("multi_label", False),
                    max_length=meta.get("max_length", 384), metadata=meta, name=name, **kwargs)
@@ -237,6 +319,8 @@ class Classifier:
     def predict_prompts(self, prompts: Sequence[str], mode: str | None = None, progress=None) -> list[Prediction]:
         """Classify already formatted prompts (e.g. built elsewhere with :func:`format_example`)."""
         mode = mode or self.mode
+        if self.multi_label and mode in ("score", "generate"):
+            return self._predict_multi_label(prompts, mode, progress)
         if mode == "score":
             probs = self.predict_proba_prompts(prompts, progress=progress)
             return [
@@ -249,8 +333,48 @@ class Classifier:
             return [Prediction(self._to_label(raw), None, raw) for raw in raws]
         raise LoratuneError(f"--mode must be score or generate, got {mode!r}")
 
+    def _predict_multi_label(self, prompts: Sequence[str], mode: str, progress=None) -> list[Prediction]:
+        if mode == "score":
+            probs = self.predict_proba_prompts(prompts, progress=progress)
+            chosen = decide_labels(probs, self.threshold, self.allow_empty)
+            predictions = []
+            for row, picks in zip(probs, chosen):
+                labels = [label for label, pick in zip(self.labels, picks) if pick]
+                predictions.append(Prediction(format_target(labels, self.labels),
+                                              {label: float(p) for label, p in zip(self.labels, row)}, labels=labels))
+            return predictions
+        raws = generate_texts(self.model, self.tokenizer, prompts, self.batch_size, self.max_length,
+                              self.max_new_tokens, progress=progress)
+        predictions = []
+        for raw in raws:
+            labels, unknown = self.parse_labels(raw)
+            predictions.append(Prediction(format_target(labels, self.labels) if labels else INVALID, None, raw,
+                                          labels=labels, unknown=unknown))
+        return predictions
+
+    def parse_labels(self, raw: str) -> tuple[list[str], list[str]]:
+        """A generated comma list as (known labels in label-set order, unknown pieces in output order)."""
+        known, unknown = set(), []
+        for piece in raw.split(LABEL_SEPARATOR.strip()):
+            if not piece.strip():
+                continue
+            label = self._normalized.get(normalize_label(piece))
+            if label is None:
+                unknown.append(piece.strip())
+            else:
+                known.add(label)
+        return [label for label in self.labels if label in known], unknown
+
     def predict_proba_prompts(self, prompts: Sequence[str], progress=None) -> np.ndarray:
-        """Probability of each label (columns in ``self.labels`` order) for formatted prompts."""
+        """Probability of each label (columns in ``self.labels`` order) for formatted prompts.
+
+        Multi-label: each label's own probability of being in the answer (rows need not sum to 1).
+        """
+        if self.multi_label:
+            if not prompts:
+                return np.zeros((0, len(self.labels)))
+            return seq2seq_label_marginals(self.model, self.tokenizer, prompts, self.labels, self.batch_size,
+                                           self.max_length, progress=progress)
         scores = self.score_prompts(prompts, progress=progress)
         return softmax(scores)
 
@@ -267,6 +391,6 @@ class Classifier:
         return self.predict_prompts([self.format(t) for t in texts], mode=mode, progress=progress)
 
     def predict_proba(self, texts: str | Iterable[str]) -> np.ndarray:
-        """Probability of each label for raw text(s): an (N, L) array, rows sum to 1."""
+        """Probability of each label for raw text(s): an (N, L) array, rows sum to 1 (multi-label: need not)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self.predict_proba_prompts([self.format(t) for t in texts])

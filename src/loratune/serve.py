@@ -278,7 +278,8 @@ def classify_request_model(max_chars: int, max_batch: int) -> type[BaseModel]:
 class Classification(BaseModel):
     label: str = Field(description="The predicted label ('invalid' in generate mode when the output matches none).")
     labels: list[str] = Field(description="All predicted labels: [label] for single-label adapters.")
-    scores: dict[str, float] | None = Field(description="Probability of each label (score mode); they sum to 1.")
+    scores: dict[str, float] | None = Field(
+        description="Probability of each label (score mode): they sum to 1, or for a multi-label adapter each is independent.")
     raw: str | None = Field(None, description="The generated text (generate mode).")
 
 
@@ -634,6 +635,8 @@ def create_app(load: Callable[[], ModelPool], *, api_key: str | None = None, max
 
 
 def _result(p: Prediction) -> Classification:
+    if p.labels is not None:  # multi-label adapter: every predicted label, probabilities independent
+        return Classification(label=p.label, labels=p.labels, scores=p.scores, raw=p.raw)
     return Classification(label=p.label, labels=[] if p.label == INVALID else [p.label], scores=p.scores, raw=p.raw)
 
 

@@ -11,10 +11,16 @@ Resume after a crash or Ctrl-C (continues from the last checkpoint, same result 
 
 Layout of OUTPUT_DIR: ``checkpoints/`` (Trainer checkpoints for --resume, ``best/`` adapter so far) and
 ``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end.
+
+The best adapter is the one with the highest end-to-end validation accuracy; for multi-label data, the
+highest micro-F1 (score mode, threshold 0.5, at least one label per text, as ``predict`` does by default).
+Micro-F1 rather than subset accuracy: it credits partly right label sets, so it still moves while a small
+model is getting whole sets right only rarely. Subset accuracy is logged beside it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,10 +38,10 @@ from transformers.trainer_callback import ExportableState, PrinterCallback
 
 from .atomic import replace_dir, temp_dir_beside
 from .config import Config, validate
-from .data import Splits, fingerprint, load_splits
+from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
 from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
-from .predict import pick_device, seq2seq_label_logprobs
+from .predict import MAX_SCORED_LABELS, decide_labels, pick_device, seq2seq_label_logprobs, seq2seq_label_marginals
 from .prompt import format_example, format_target
 from .tokenize import encode_seq2seq, seq2seq_collator
 
@@ -52,7 +58,7 @@ class TrainingDiverged(LoratuneError):
 class TrainResult:
     adapter_dir: Path
     metrics: dict
-    """best_val_accuracy, best_step, val_loss, train_samples_per_second, ..."""
+    """best_val_accuracy (multi-label: best_val_micro_f1), best_step, val_loss, train_samples_per_second, ..."""
     interrupted: bool = False
 
 
@@ -60,6 +66,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     """Train an adapter as configured and write it to ``cfg.train.output_dir/final``."""
     validate(cfg, training=True)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
+    if splits.multi_label and not cfg.data.multi_label:
+        cfg = copy.deepcopy(cfg)  # detected from the data: the saved config must say so too
+        cfg.data.multi_label = True
+    if splits.multi_label and len(splits.labels) > MAX_SCORED_LABELS:
+        raise LoratuneError(f"multi-label training picks the best adapter by scoring every label set, which allows "
+                            f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})")
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
     _check_output_dir(out, ckpt_dir, resume, overwrite)
@@ -96,9 +108,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
     _, train_enc = encode(splits.train)
     val_prompts, val_enc = encode(splits.val)
-    val_gold = [splits.labels.index(e.label) for e in splits.val] if not splits.multi_label else None
+    if splits.multi_label:
+        val_gold = torch.tensor([[label in example_labels(e) for label in splits.labels] for e in splits.val])
+    else:
+        val_gold = [splits.labels.index(e.label) for e in splits.val]
     say(f"data: {len(splits.train)} train / {len(splits.val)} val examples, {len(splits.labels)} labels"
-        + (" (val split from train)" if splits.val_is_split else ""))
+        + (" (val split from train)" if splits.val_is_split else "") + (", multi-label" if splits.multi_label else ""))
     if train_enc.n_truncated or val_enc.n_truncated:
         say(f"warning: {train_enc.n_truncated + val_enc.n_truncated} prompts longer than "
             f"data.max_length={cfg.data.max_length} were truncated")
@@ -107,7 +122,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
     # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume.
     args = _training_args(cfg, ckpt_dir, precision, device)
-    best = BestAdapter(str(ckpt_dir / BEST))
+    best = BestAdapter(str(ckpt_dir / BEST), _selection_metric(cfg))
     stop = InterruptToCheckpoint()
     callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
     if cfg.train.early_stopping_patience > 0:
@@ -119,6 +134,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
     trainer.accuracy_inputs = (val_prompts, splits.labels, val_gold, cfg.data.max_length, cfg.predict.batch_size)
+    trainer.multi_label = splits.multi_label
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
     with stop.installed():
@@ -134,7 +150,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
     # 4. Output: the best adapter + tokenizer + metadata, swapped in atomically.
     metrics = {
-        "best_val_accuracy": best.accuracy, "best_step": best.step, "val_loss": best.loss,
+        f"best_val_{best.metric}": best.value, "best_step": best.step, "val_loss": best.loss,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0.0, 3),
         "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
@@ -146,7 +162,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         meta = _metadata(cfg, splits, base, model_name, targets, metrics)
         _write_final(ckpt_dir / BEST, final, meta, tokenizer)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
-    say(f"best val accuracy {best.accuracy:.4f} at step {best.step}; "
+    say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
         f"{metrics['train_samples_per_second'] or 0:.1f} samples/s; adapter: {final}")
     return TrainResult(final, metrics)
 
@@ -198,7 +214,7 @@ def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> Train
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,
-        metric_for_best_model="accuracy",
+        metric_for_best_model=_selection_metric(cfg),
         greater_is_better=True,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -216,10 +232,18 @@ def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> Train
     )
 
 
+def _selection_metric(cfg: Config) -> str:
+    return "micro_f1" if cfg.data.multi_label else "accuracy"
+
+
 class ClassifierTrainer(Trainer):
-    """HF Trainer whose evaluation adds end-to-end label accuracy (score mode, never teacher-forced tokens)."""
+    """HF Trainer whose evaluation adds end-to-end label accuracy (score mode, never teacher-forced tokens).
+
+    Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.
+    """
 
     accuracy_inputs: tuple = ()
+    multi_label: bool = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -231,13 +255,33 @@ class ClassifierTrainer(Trainer):
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics[f"{prefix}_accuracy"] = self._label_accuracy()
+        if self.multi_label:
+            output.metrics.update({f"{prefix}_{k}": v for k, v in self._multi_label_scores().items()})
+        else:
+            output.metrics[f"{prefix}_accuracy"] = self._label_accuracy()
         return output
+
+    def _multi_label_scores(self) -> dict[str, float]:
+        prompts, labels, gold, max_length, batch_size = self.accuracy_inputs
+        rank, world = self.args.process_index, self.args.world_size
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        probs = seq2seq_label_marginals(model, self.processing_class, prompts[rank::world], labels,
+                                        batch_size=batch_size, max_length=max_length)
+        model.train(was_training)
+        pred, gold = torch.from_numpy(decide_labels(probs)), gold[rank::world]
+        # True positives, false positives, false negatives, exact sets, examples: summed across ranks.
+        counts = torch.tensor([float((pred & gold).sum()), float((pred & ~gold).sum()), float((~pred & gold).sum()),
+                               float((pred == gold).all(1).sum()), float(len(gold))], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            counts = counts.to(self.args.device)
+            dist.all_reduce(counts)
+        tp, fp, fn, exact, n = counts.tolist()
+        return {"micro_f1": 2 * tp / max(2 * tp + fp + fn, 1.0), "subset_accuracy": exact / n}
 
     def _label_accuracy(self) -> float:
         prompts, labels, gold, max_length, batch_size = self.accuracy_inputs
-        if gold is None:
-            return float("nan")
         # Each rank scores its shard; the counts are summed across ranks.
         rank, world = self.args.process_index, self.args.world_size
         model = self.accelerator.unwrap_model(self.model)
@@ -254,26 +298,28 @@ class ClassifierTrainer(Trainer):
 
 
 class BestAdapter(TrainerCallback, ExportableState):
-    """Keep the adapter with the best validation accuracy in ``best/`` (atomically); state survives --resume.
+    """Keep the adapter with the best validation ``metric`` (accuracy; multi-label: micro_f1) in ``best/``
+    (atomically); state survives --resume.
 
     The Trainer re-creates this callback from ``state()["args"]`` on resume, so they must be JSON values.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, metric: str = "accuracy"):
         self.path = Path(path)
-        self.accuracy, self.step, self.loss = -1.0, -1, float("nan")
+        self.metric = metric
+        self.value, self.step, self.loss = -1.0, -1, float("nan")
 
     def state(self) -> dict:
-        return {"args": {"path": str(self.path)},
-                "attributes": {"accuracy": self.accuracy, "step": self.step, "loss": self.loss}}
+        return {"args": {"path": str(self.path), "metric": self.metric},
+                "attributes": {"value": self.value, "step": self.step, "loss": self.loss}}
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        accuracy = (metrics or {}).get("eval_accuracy", float("nan"))
+        value = (metrics or {}).get(f"eval_{self.metric}", float("nan"))
         if state.global_step == self.step:
             return
-        if not (accuracy > self.accuracy) and self.step >= 0:
+        if not (value > self.value) and self.step >= 0:
             return
-        self.accuracy, self.step, self.loss = accuracy, state.global_step, metrics.get("eval_loss", float("nan"))
+        self.value, self.step, self.loss = value, state.global_step, metrics.get("eval_loss", float("nan"))
         if state.is_world_process_zero:
             tmp = temp_dir_beside(self.path)
             model.save_pretrained(tmp)
@@ -358,9 +404,10 @@ class ProgressBar(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is not None and metrics:
+            scores = " ".join(f"val_{name} {metrics[f'eval_{name}']:.4f}"
+                              for name in ("accuracy", "micro_f1", "subset_accuracy") if f"eval_{name}" in metrics)
             self.bar.write(f"step {state.global_step} epoch {state.epoch or 0:.2f}: "
-                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} "
-                           f"val_accuracy {metrics.get('eval_accuracy', float('nan')):.4f}")
+                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
