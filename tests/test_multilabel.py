@@ -96,6 +96,19 @@ def test_multilabel_metrics_by_hand():
     assert m["labels_per_example"] == {"gold": 1.5, "pred": 1.25}
 
 
+def test_calibrate_and_threshold_errors_are_clear():
+    from loratune.config import Config, validate
+    from loratune.errors import LoratuneError
+    from loratune.evaluate import calibrate
+
+    with pytest.raises(LoratuneError, match="is single-label"):
+        calibrate(Classifier(None, None, LABELS, name="adapter-x"), [])
+    cfg = Config()
+    cfg.predict.threshold = 1.5
+    with pytest.raises(LoratuneError, match=r"predict.threshold must be in \[0, 1\]"):
+        validate(cfg)
+
+
 # ---- end to end on the tiny T5 -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -140,7 +153,8 @@ def gold_sets(path):
     return [tuple(r["label"]) for r in read_jsonl(path)]
 
 
-def test_cli_trains_a_multi_label_adapter_selected_by_micro_f1(ml_trained, ml_clf, ml_data):
+def test_cli_trains_a_multi_label_adapter_selected_by_micro_f1(cli, ml_trained, ml_clf, ml_data):
+    assert "calibrate" in cli("-h").stdout
     adapter, summary, output = ml_trained
     assert "multi-label data detected" in output and "val_micro_f1" in output and "val_subset_accuracy" in output
     meta = json.loads((adapter / "loratune.json").read_text())
