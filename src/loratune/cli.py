@@ -25,8 +25,9 @@ app = typer.Typer(
 
 # Shared options: one declaration each, so every command spells and documents them the same way.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: hub id, local path, or 'tiny' (random weights, offline).")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation file; 'none' splits it from --train.")]
 TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
@@ -143,7 +144,8 @@ def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None,
                                           max_new_tokens=cfg.predict.max_new_tokens)
     return Classifier.from_pretrained(cfg.model.name, mode=mode, labels=cfg.data.labels, task=cfg.prompt.task,
                                       input_name=cfg.prompt.input_name, batch_size=cfg.predict.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision)
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision,
+                                      chat_template=cfg.prompt.chat_template)
 
 
 def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
@@ -241,13 +243,18 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
 def _run_eval(models: list[tuple[str, object]], examples, modes, dataset: str, labels) -> dict:
     from .evaluate import build_report
     from .evaluate import evaluate as run_evaluate
+    from .predict import GENERATE_NOT_FOR_ENCODERS
 
     results = []
     for mode in modes:
         for name, clf in models:
+            if mode == "generate" and clf.family == "encoder":
+                continue  # a classification head has no text to generate; "both" means score only here
             bar = _progress(len(examples), f"{name} {mode}")
             results.append(run_evaluate(clf, examples, mode=mode, name=name, progress=bar.update))
             bar.close()
+    if not results:
+        raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
     return build_report(results, examples, dataset, labels)
 
 
