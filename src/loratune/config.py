@@ -22,6 +22,7 @@ DEFAULT_MODEL = "google/flan-t5-small"
 FAMILIES = ("auto", "seq2seq", "causal", "encoder")
 MODES = ("score", "generate")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHAT_TEMPLATES = ("auto", "on", "off")
 
 
 @dataclass
@@ -61,6 +62,8 @@ class PromptConfig:
     """First sentence of the instruction prompt."""
     input_name: str = DEFAULT_INPUT_NAME
     """What one input is called in the prompt ("customer message")."""
+    chat_template: str = "auto"
+    """Causal LMs: wrap the prompt in the tokenizer's chat template. auto (when it has one) | on | off."""
 
 
 @dataclass
@@ -69,7 +72,8 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] | None = None
-    """Module names to adapt; empty picks per architecture (T5: q, v)."""
+    """Module names to adapt; empty picks per architecture (T5: q, v; Llama: q_proj, v_proj; GPT-2: c_attn;
+    BERT: query, value)."""
 
 
 @dataclass
@@ -260,6 +264,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"lora.alpha must be > 0 (got {cfg.lora.alpha})")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         problems.append(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    if cfg.prompt.chat_template not in CHAT_TEMPLATES:
+        problems.append(f"prompt.chat_template must be one of {', '.join(CHAT_TEMPLATES)} (got {cfg.prompt.chat_template!r})")
     if cfg.predict.mode not in MODES:
         problems.append(f"predict.mode must be one of {', '.join(MODES)} (got {cfg.predict.mode!r})")
     if cfg.predict.batch_size < 1:

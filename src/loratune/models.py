@@ -20,13 +20,14 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import LoratuneError
-from .fixtures import TINY_NAME, TINY_WARNING, tiny_model
+from .fixtures import TINY_NAMES, TINY_WARNING, tiny_model
 
 log = logging.getLogger(__name__)
 
 META_FILE = "loratune.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE)
-SUPPORTED_FAMILIES = ("seq2seq",)
+SUPPORTED_FAMILIES = ("seq2seq", "causal", "encoder")
+HEAD_SEED = 0
 
 
 def _offline() -> bool:
@@ -56,13 +57,14 @@ def _unreachable(name: str, reason: str) -> LoratuneError:
 
 
 def resolve_model_name(name: str, texts=(), labels=None) -> str:
-    """Turn ``tiny`` into the cached tiny model's directory (built on first use); other names pass through."""
-    if name != TINY_NAME:
+    """Turn ``tiny`` (``tiny-causal``, ``tiny-encoder``) into the cached tiny model's directory (built on first
+    use); other names pass through."""
+    if name not in TINY_NAMES:
         return name
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
         print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
     kwargs = {"labels": labels} if labels else {}
-    return str(tiny_model(texts, **kwargs))
+    return str(tiny_model(texts, family=TINY_NAMES[name], **kwargs))
 
 
 def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -76,7 +78,8 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
             raise LoratuneError(f"{name} does not exist: pass a model directory saved by save_pretrained, "
                                 f"an adapter directory, or a hub id")
         if not (path / "config.json").is_file():
-            raise LoratuneError(f"model directory {name} has no config.json (save it with save_pretrained)")
+            hint = f"; did you mean {path / 'model'}?" if (path / "model" / "config.json").is_file() else ""
+            raise LoratuneError(f"model directory {name} has no config.json (save it with save_pretrained){hint}")
         try:
             return AutoConfig.from_pretrained(str(path), **kwargs), True
         except (OSError, ValueError) as exc:
@@ -135,22 +138,78 @@ class LoadedModel:
 
 
 def load_base(name: str, *, revision: str | None = None, family: str = "auto",
-              trust_remote_code: bool = False, dtype=None) -> LoadedModel:
-    """Load the base model and tokenizer by hub id or local path."""
+              trust_remote_code: bool = False, dtype=None, labels=None) -> LoadedModel:
+    """Load the base model and tokenizer by hub id or local path.
+
+    Encoders get a new classification head with one output per label in ``labels``, always initialised
+    from HEAD_SEED: the base encoder alone is then exactly the starting point of every adapter trained on
+    it, so ``compare`` shows what training changed (the base alone predicts at chance).
+    """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     config, local_only = load_config(name, revision, trust_remote_code)
     family = detect_family(config, family)
     if family not in SUPPORTED_FAMILIES:
-        raise LoratuneError(
-            f"model {name!r} is a {family} model; this version of loratune trains seq2seq (T5-style) models "
-            f"(override detection with --family if that is wrong)"
-        )
+        raise LoratuneError(f"model.family must be one of {', '.join(SUPPORTED_FAMILIES)}, got {family!r}")
+    fingerprint = config_fingerprint(config)  # before the head or pad token change the config
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_only)
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
-    return LoadedModel(model, tokenizer, family, name, config_fingerprint(config))
+    if family == "seq2seq":
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    elif family == "causal":
+        model = _load_causal(source, name, config, tokenizer, dtype, kwargs)
+    else:
+        model = _load_encoder(source, name, config, tokenizer, dtype, kwargs, labels)
+    return LoadedModel(model, tokenizer, family, name, fingerprint)
+
+
+def _load_causal(source, name, config, tokenizer, dtype, kwargs):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    except ValueError as exc:
+        raise LoratuneError(f"cannot load {name!r} as a causal LM: {str(exc).splitlines()[0][:300]} "
+                            f"(pass --family to override detection)") from None
+    prepare_causal_tokenizer(tokenizer, model)
+    return model
+
+
+def prepare_causal_tokenizer(tokenizer, model) -> None:
+    """Left padding (batched inference) and a pad token; many causal LMs (Llama, GPT-2) ship without one."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise LoratuneError("the tokenizer has neither a pad nor an EOS token; loratune needs an EOS token "
+                                "to end labels")
+        # Reuse EOS rather than add a token: a new token would resize the embeddings, and the adapter would
+        # then no longer fit the base model. Label EOS tokens stay in the loss (the collator never masks by id).
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _load_encoder(source, name, config, tokenizer, dtype, kwargs, labels):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if not labels:
+        raise LoratuneError(f"{name!r} is an encoder: it needs the label set to size its classification head")
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    if tokenizer.pad_token_id is None:
+        raise LoratuneError(f"the tokenizer of {name!r} has no pad token; encoder models need one for batching")
+    config.pad_token_id = tokenizer.pad_token_id
+    try:
+        # The head is new (random); a private RNG makes it reproducible without touching the caller's seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(HEAD_SEED)
+            return AutoModelForSequenceClassification.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    except ValueError as exc:
+        raise LoratuneError(f"cannot load {name!r} as an encoder classifier "
+                            f"(AutoModelForSequenceClassification): {str(exc).splitlines()[0][:300]}") from None
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -164,8 +223,10 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     """Wrap ``model`` with a fresh LoRA adapter; only the LoRA weights stay trainable."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    task_type = {"seq2seq": TaskType.SEQ_2_SEQ_LM}[family]
-    # target_modules=None lets PEFT pick its per-architecture default (T5: q, v).
+    task_type = {"seq2seq": TaskType.SEQ_2_SEQ_LM, "causal": TaskType.CAUSAL_LM, "encoder": TaskType.SEQ_CLS}[family]
+    # target_modules=None lets PEFT pick its per-architecture default (T5: q, v; Llama: q_proj, v_proj;
+    # GPT-2: c_attn; BERT: query, value). SEQ_CLS also puts the new head in modules_to_save, so it is
+    # trained in full and saved with the adapter.
     config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules) if target_modules else None)
     return get_peft_model(model, config)
@@ -206,7 +267,9 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     base_name = base_model or meta["base_model"]
-    base = load_base(base_name, revision=meta.get("base_revision"), family=meta["family"], dtype=dtype)
+    _check_family(adapter_dir, meta, base_name)
+    base = load_base(base_name, revision=meta.get("base_revision"), family=meta["family"], dtype=dtype,
+                     labels=meta["labels"])
     expected = meta.get("base_config_fingerprint")
     if expected and expected != base.config_fingerprint:
         raise LoratuneError(
@@ -221,6 +284,8 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if base.family == "causal":
+        prepare_causal_tokenizer(tokenizer, model)
     return LoadedModel(model, tokenizer, base.family, base_name, base.config_fingerprint), meta
 
 
@@ -264,3 +329,15 @@ def load_adapters(adapter_dirs: Mapping[str, str | Path], base_model: str | None
             raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
         tokenizers[name] = AutoTokenizer.from_pretrained(str(adapter_dir))
     return model, {name: (tokenizers[name], metas[name]) for name in adapter_dirs}
+def _check_family(adapter_dir: Path, meta: dict, base_name: str) -> None:
+    """Refuse a base of another family before loading weights (the family override the run used counts)."""
+    if meta["family"] not in SUPPORTED_FAMILIES:
+        raise LoratuneError(f"{adapter_dir / META_FILE}: unknown family {meta['family']!r}")
+    override = meta.get("config", {}).get("model", {}).get("family", "auto")
+    config, _ = load_config(base_name, meta.get("base_revision"))
+    family = detect_family(config, override)
+    if family != meta["family"]:
+        raise LoratuneError(
+            f"adapter {adapter_dir} is a {meta['family']} adapter but {base_name!r} is a {family} model; "
+            f"pass --model with the adapter's base model ({meta['base_model']})"
+        )

@@ -27,6 +27,10 @@ Multi-label classifiers (trained to output every label that applies, comma-separ
 
 For multi-label, ``Prediction.labels`` holds the predicted labels and ``Prediction.label`` the same labels
 joined as the model writes them (``"billing, account"``), so code that reads ``label`` still sees the answer.
+
+Per family (see :func:`label_logprobs`): seq2seq and causal LMs score label tokens as above (causal: after the
+prompt, EOS included); encoders have a classification head, whose log-softmax is the score and whose
+softmax is the probability. Generate mode is not applicable to encoders.
 """
 
 from __future__ import annotations
@@ -42,8 +46,13 @@ from .data import normalize_label
 from .errors import LoratuneError
 from .models import META_FILE, load_adapter, load_base, resolve_model_name
 from .prompt import DEFAULT_INPUT_NAME, DEFAULT_LABELS, DEFAULT_TASK, LABEL_SEPARATOR, format_example, format_target
+from .tokenize import causal_label_ids, causal_prompt_ids, resolve_chat_template
 
 INVALID = "invalid"
+GENERATE_NOT_FOR_ENCODERS = ("generate mode is not applicable to encoder models (they have a classification head, "
+                             "not a text decoder); use --mode score")
+MULTI_LABEL_SEQ2SEQ_ONLY = ("multi-label classification is implemented for seq2seq (encoder-decoder) models only; "
+                            "use a seq2seq base model such as flan-t5, or single-label data")
 DEFAULT_THRESHOLD = 0.5
 MAX_SCORED_LABELS = 10
 """Multi-label score mode scores 2^L - 1 label sets per text: 1,023 at this limit."""
@@ -168,6 +177,128 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], batch_size: int = 3
     return texts
 
 
+def _left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask, position_ids) for left-padded sequences; positions count real tokens only,
+    so absolute-position models (GPT-2) see the same positions as without padding."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _cache_argument(model) -> str:
+    """``cache`` in recent transformers 5 releases, ``past_key_values`` before (now a deprecated alias)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def causal_label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32,
+                          max_length: int = 384, chat_template: bool = False, progress=None) -> np.ndarray:
+    """Summed log-probability of each label's tokens (with EOS) after each prompt: an (N, L) array.
+
+    Each prompt batch runs once (left-padded); its KV cache is then repeated per label and all label
+    continuations run in one batched pass, so the prompt is never re-encoded per label.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    label_ids = causal_label_ids(tokenizer, labels)
+    n_labels, width = len(label_ids), max(len(x) for x in label_ids)
+    targets = torch.full((n_labels, width), tokenizer.pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(label_ids):
+        targets[i, : len(ids)] = torch.tensor(ids)
+    target_mask = (torch.arange(width) < torch.tensor([len(x) for x in label_ids])[:, None]).to(device)
+    targets = targets.to(device)
+
+    prompt_ids, _ = causal_prompt_ids(tokenizer, prompts, max_length, chat_template)
+    cache_name = _cache_argument(model)
+    out = np.zeros((len(prompts), n_labels), dtype=np.float64)
+    with torch.inference_mode():
+        for batch in _batches_by_length([len(x) for x in prompt_ids], batch_size):
+            b = len(batch)
+            ids, mask, positions = (t.to(device) for t in _left_pad([prompt_ids[i] for i in batch],
+                                                                     tokenizer.pad_token_id))
+            first = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            # The prompt's last position predicts each label's first token.
+            sums = first.logits[:, -1].float().log_softmax(-1)[:, targets[:, 0]]  # (b, L)
+            if width > 1:
+                cache = first.cache if cache_name == "cache" else first.past_key_values
+                cache.batch_repeat_interleave(n_labels)  # row i*L + j: prompt i, label j
+                steps = torch.arange(width - 1, device=device)
+                logits = model(
+                    input_ids=targets[:, :-1].repeat(b, 1),
+                    # Label padding sits after each label's real tokens, so causal attention keeps it out.
+                    attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
+                                              torch.ones(b * n_labels, width - 1, dtype=mask.dtype, device=device)], 1),
+                    position_ids=(mask.sum(-1, keepdim=True) + steps).repeat_interleave(n_labels, 0),
+                    use_cache=True, **{cache_name: cache},
+                ).logits
+                logp = logits.float().log_softmax(-1).gather(-1, targets[:, 1:].repeat(b, 1).unsqueeze(-1)).squeeze(-1)
+                sums = sums + (logp * target_mask[:, 1:].repeat(b, 1)).sum(-1).view(b, n_labels)
+            out[batch] = sums.double().cpu().numpy()
+            if progress is not None:
+                progress(b)
+    return out
+
+
+def encoder_label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32,
+                           max_length: int = 384, progress=None) -> np.ndarray:
+    """Log-softmax of the classification head for each prompt: an (N, L) array, columns in ``labels`` order."""
+    import torch
+
+    n_out = model.config.num_labels
+    if n_out != len(labels):
+        raise LoratuneError(f"the model's classification head has {n_out} outputs but there are {len(labels)} labels")
+    device = next(model.parameters()).device
+    encoded = tokenizer(list(prompts), truncation=True, max_length=max_length)["input_ids"]
+    out = np.zeros((len(prompts), len(labels)), dtype=np.float64)
+    with torch.inference_mode():
+        for batch in _batches_by_length([len(x) for x in encoded], batch_size):
+            inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            out[batch] = logits.float().log_softmax(-1).double().cpu().numpy()
+            if progress is not None:
+                progress(len(batch))
+    return out
+
+
+def label_logprobs(family: str, model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32,
+                   max_length: int = 384, chat_template: bool = False, progress=None) -> np.ndarray:
+    """Score every label for every canonical prompt with the scorer of ``family``: an (N, L) array."""
+    if family == "causal":
+        return causal_label_logprobs(model, tokenizer, prompts, labels, batch_size, max_length, chat_template, progress)
+    if family == "encoder":
+        return encoder_label_logprobs(model, tokenizer, prompts, labels, batch_size, max_length, progress)
+    return seq2seq_label_logprobs(model, tokenizer, prompts, labels, batch_size, max_length, progress)
+
+
+def causal_generate_texts(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_length: int = 384,
+                          max_new_tokens: int = 32, chat_template: bool = False, progress=None) -> list[str]:
+    """Greedy generation with left padding; only the new tokens are decoded (never the echoed prompt)."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompt_ids, _ = causal_prompt_ids(tokenizer, prompts, max_length, chat_template)
+    texts: list[str] = [""] * len(prompts)
+    with torch.inference_mode():
+        for batch in _batches_by_length([len(x) for x in prompt_ids], batch_size):
+            ids, mask, _ = _left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = generated[:, ids.shape[1]:]
+            for i, text in zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                texts[i] = text.strip()
+            if progress is not None:
+                progress(len(batch))
+    return texts
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -220,9 +351,13 @@ class Classifier:
                  task: str = DEFAULT_TASK, input_name: str = DEFAULT_INPUT_NAME, multi_label: bool = False,
                  mode: str = "score", batch_size: int = 32, max_length: int = 384, max_new_tokens: int = 32,
                  metadata: dict | None = None, name: str = "", threshold: float = DEFAULT_THRESHOLD,
-                 allow_empty: bool = False):
+                 allow_empty: bool = False, chat_template: bool = False):
         if mode not in ("score", "generate"):
             raise LoratuneError(f"--mode must be score or generate, got {mode!r}")
+        if mode == "generate" and family == "encoder":
+            raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
+        if multi_label and family != "seq2seq":
+            raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
         self.model = model
         self.tokenizer = tokenizer
         self.labels = list(labels)
@@ -236,6 +371,8 @@ class Classifier:
         self.max_new_tokens = max_new_tokens
         self.metadata = metadata or {}
         self.name = name
+        self.chat_template = chat_template
+        """Causal LMs: prompts are wrapped in the tokenizer's chat template (as in training)."""
         self.id2label = dict(enumerate(self.labels))
         self.label2id = {label: i for i, label in self.id2label.items()}
         self._normalized = {normalize_label(label): label for label in self.labels}
@@ -249,12 +386,14 @@ class Classifier:
                         task: str | None = None, input_name: str | None = None, base_model: str | None = None,
                         device: str | None = None, merge: bool = True, batch_size: int = 32,
                         max_new_tokens: int = 32, revision: str | None = None, multi_label: bool | None = None,
-                        threshold: float | None = None, allow_empty: bool = False) -> Classifier:
+                        threshold: float | None = None, allow_empty: bool = False,
+                        chat_template: str = "auto") -> Classifier:
         """Load an adapter directory (with ``loratune.json``), or a base model by hub id, path or ``tiny``.
 
         For a base model, ``labels``/``task``/``input_name``/``multi_label`` set the prompt (defaults: the
-        support-ticket prompt). For an adapter they come from its metadata and must not disagree with it.
-        ``threshold`` (multi-label) defaults to the adapter's calibrated one, else 0.5.
+        support-ticket prompt) and ``chat_template`` (auto|on|off) how a causal LM reads it. For an adapter they
+        come from its metadata and must not disagree with it. ``threshold`` (multi-label) defaults to the
+        adapter's calibrated one, else 0.5.
         """
         dev = pick_device(device)
         dtype = inference_dtype(dev)
@@ -282,13 +421,14 @@ class Classifier:
                                    max_new_tokens=max_new_tokens, allow_empty=allow_empty, **explicit)
         else:
             resolved = resolve_model_name(path_str, labels=labels)
-            loaded = load_base(resolved, revision=revision, dtype=dtype)
-            model = loaded.model
             label_list = [normalize_label(x) for x in (labels or DEFAULT_LABELS)]
+            loaded = load_base(resolved, revision=revision, dtype=dtype, labels=label_list)
+            model = loaded.model
+            use_template = loaded.family == "causal" and resolve_chat_template(loaded.tokenizer, chat_template)
             kwargs = dict(labels=label_list, family=loaded.family, task=task or DEFAULT_TASK,
                           input_name=input_name or DEFAULT_INPUT_NAME,
                           metadata={"base_model": resolved}, name=path_str, multi_label=bool(multi_label),
-                          threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+                          threshold=DEFAULT_THRESHOLD if threshold is None else threshold, chat_template=use_template)
         model.to(dev).eval()
         return cls(model, loaded.tokenizer, mode=mode, batch_size=batch_size, max_new_tokens=max_new_tokens,
                    allow_empty=allow_empty, **kwargs)
@@ -301,6 +441,7 @@ class Classifier:
         """
         prompt = meta["prompt"]
         kwargs.setdefault("threshold", meta.get("threshold", DEFAULT_THRESHOLD))  # calibrated, if it was
+        kwargs.setdefault("chat_template", bool(prompt.get("chat_template", False)))
         return cls(model, tokenizer, labels=meta["labels"], family=meta["family"], task=prompt["task"],
                    input_name=prompt["input_name"], multi_label=meta.get("multi_label", False),
                    max_length=meta.get("max_length", 384), metadata=meta, name=name, **kwargs)
@@ -327,6 +468,12 @@ class Classifier:
                 Prediction(self.labels[int(row.argmax())], {label: float(p) for label, p in zip(self.labels, row)})
                 for row in probs
             ]
+        if mode == "generate" and self.family == "encoder":
+            raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
+        if mode == "generate" and self.family == "causal":
+            raws = causal_generate_texts(self.model, self.tokenizer, prompts, self.batch_size, self.max_length,
+                                         self.max_new_tokens, self.chat_template, progress=progress)
+            return [Prediction(self._to_label(raw), None, raw) for raw in raws]
         if mode == "generate":
             raws = generate_texts(self.model, self.tokenizer, prompts, self.batch_size, self.max_length,
                                   self.max_new_tokens, progress=progress)
@@ -382,8 +529,8 @@ class Classifier:
         """Summed label log-likelihoods (N, L) for formatted prompts."""
         if not prompts:
             return np.zeros((0, len(self.labels)))
-        return seq2seq_label_logprobs(self.model, self.tokenizer, prompts, self.labels, self.batch_size,
-                                      self.max_length, progress=progress)
+        return label_logprobs(self.family, self.model, self.tokenizer, prompts, self.labels, self.batch_size,
+                              self.max_length, self.chat_template, progress=progress)
 
     def predict(self, texts: str | Iterable[str], mode: str | None = None, progress=None) -> list[Prediction]:
         """Classify raw text(s); each is wrapped in the canonical prompt first."""

@@ -41,9 +41,16 @@ from .config import Config, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
 from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
-from .predict import MAX_SCORED_LABELS, decide_labels, pick_device, seq2seq_label_logprobs, seq2seq_label_marginals
+from .predict import (
+    MAX_SCORED_LABELS,
+    MULTI_LABEL_SEQ2SEQ_ONLY,
+    decide_labels,
+    label_logprobs,
+    pick_device,
+    seq2seq_label_marginals,
+)
 from .prompt import format_example, format_target
-from .tokenize import encode_seq2seq, seq2seq_collator
+from .tokenize import collator_for_family, encode_for_family, render_causal_prompt, resolve_chat_template
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
@@ -80,11 +87,15 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     rank0 = int(os.environ.get("RANK", "0")) == 0
     say = echo if rank0 else (lambda *a, **k: None)
 
-    # 1. Model: base weights frozen, LoRA on the attention projections.
+    # 1. Model: base weights frozen, LoRA on the attention projections (encoders: plus a new, fully trained
+    #    classification head).
     model_name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
     base = load_base(model_name, revision=cfg.model.revision, family=cfg.model.family,
-                     trust_remote_code=cfg.model.trust_remote_code)
+                     trust_remote_code=cfg.model.trust_remote_code, labels=splits.labels)
+    if base.family != "seq2seq" and splits.multi_label:
+        raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
     tokenizer = base.tokenizer
+    chat_template = base.family == "causal" and resolve_chat_template(tokenizer, cfg.prompt.chat_template)
     model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                         cfg.lora.target_modules)
     if cfg.train.gradient_checkpointing:
@@ -93,10 +104,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         model.enable_input_require_grads()
     trainable, total = count_parameters(model)
     targets = sorted(model.peft_config["default"].target_modules)
+    saved_modules = _saved_modules(model)
     device = pick_device()
     precision = _precision(cfg.train.precision, device)
     say(f"device: {device.type}  precision: {precision}  world size: {os.environ.get('WORLD_SIZE', '1')}")
-    say(f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}")
+    say(f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}"
+        + (f"  trained in full: {', '.join(saved_modules)}" if saved_modules else "")
+        + ("  chat template: on" if chat_template else ""))
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 2. Data: canonical prompts, tokenized once; padding happens per batch in the collator.
@@ -104,7 +118,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         prompts = [format_example(e.text, splits.labels, cfg.prompt.task, cfg.prompt.input_name,
                                   splits.multi_label) for e in examples]
         targets_ = [format_target(e.label, splits.labels) for e in examples]
-        return prompts, encode_seq2seq(tokenizer, prompts, targets_, cfg.data.max_length, cfg.data.max_target_length)
+        return prompts, encode_for_family(base.family, tokenizer, prompts, targets_, labels=splits.labels,
+                                          max_length=cfg.data.max_length, max_target_length=cfg.data.max_target_length,
+                                          chat_template=chat_template)
 
     _, train_enc = encode(splits.train)
     val_prompts, val_enc = encode(splits.val)
@@ -129,12 +145,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = ClassifierTrainer(
         model=model, args=args, train_dataset=train_enc.features, eval_dataset=val_enc.features,
-        data_collator=seq2seq_collator(tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None),
+        data_collator=collator_for_family(base.family, tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None),
         processing_class=tokenizer, callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
     trainer.accuracy_inputs = (val_prompts, splits.labels, val_gold, cfg.data.max_length, cfg.predict.batch_size)
     trainer.multi_label = splits.multi_label
+    trainer.family, trainer.chat_template = base.family, chat_template
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
     with stop.installed():
@@ -160,6 +177,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     final = out / FINAL
     if rank0:
         meta = _metadata(cfg, splits, base, model_name, targets, metrics)
+        meta["prompt"]["chat_template"] = chat_template
+        if base.family == "causal":
+            meta["prompt"]["model_input_example"] = render_causal_prompt(tokenizer, meta["prompt"]["template_example"],
+                                                                         chat_template)
+        meta["lora_modules_to_save"] = saved_modules
         _write_final(ckpt_dir / BEST, final, meta, tokenizer)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
     say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
@@ -251,6 +273,8 @@ class ClassifierTrainer(Trainer):
         # multiplies the loss by the world size under DDP, which doubles logged losses and gradients on 2 ranks.
         # Per-rank mean losses averaged by DDP are what we want for every family.
         self.model_accepts_loss_kwargs = False
+    family: str = "seq2seq"
+    chat_template: bool = False
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
@@ -287,8 +311,8 @@ class ClassifierTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        scores = seq2seq_label_logprobs(model, self.processing_class, prompts[rank::world], labels,
-                                        batch_size=batch_size, max_length=max_length)
+        scores = label_logprobs(self.family, model, self.processing_class, prompts[rank::world], labels,
+                                batch_size=batch_size, max_length=max_length, chat_template=self.chat_template)
         model.train(was_training)
         counts = torch.tensor([float((scores.argmax(1) == gold[rank::world]).sum()), float(len(scores))])
         if world > 1 and dist.is_initialized():
@@ -412,6 +436,15 @@ class ProgressBar(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
+
+
+def _saved_modules(model) -> list[str]:
+    """Modules PEFT trains in full and saves with the adapter (an encoder's classification head)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    # The config lists candidates ("classifier", "score"); report the ones this architecture has.
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, ModulesToSaveWrapper)})
 
 
 def _metadata(cfg: Config, splits: Splits, base, model_name: str, targets, metrics: dict) -> dict:
