@@ -39,7 +39,7 @@ def test_evaluate_and_report_files(trained, small_data, tmp_path):
         assert r["accuracy"] == pytest.approx(accuracy_score(gold, pred))
         assert r["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=tuned.labels, average="macro", zero_division=0))
         assert r["weighted_f1"] == pytest.approx(f1_score(gold, pred, labels=tuned.labels, average="weighted", zero_division=0))
-        p, rec, f, s = precision_recall_fscore_support(gold, pred, labels=tuned.labels, zero_division=0)
+        _p, rec, _f, s = precision_recall_fscore_support(gold, pred, labels=tuned.labels, zero_division=0)
         for i, label in enumerate(tuned.labels):
             assert r["per_label"][label]["recall"] == pytest.approx(rec[i])
             assert r["per_label"][label]["support"] == s[i]

@@ -58,7 +58,8 @@ def test_adapter_changes_the_models_outputs(trained, small_data):
     base = Classifier.from_pretrained(meta["base_model"], labels=tuned.labels)
     p_tuned, p_base = tuned.predict_proba(texts), base.predict_proba(texts)
     assert abs(p_tuned - p_base).max() > 0.05
-    acc = lambda probs: sum(tuned.labels[i] == g for i, g in zip(probs.argmax(1), gold)) / len(gold)
+    def acc(probs):
+        return sum(tuned.labels[i] == g for i, g in zip(probs.argmax(1), gold)) / len(gold)
     assert acc(p_tuned) == pytest.approx(meta["metrics"]["best_val_accuracy"], abs=1e-9)
     assert acc(p_tuned) > acc(p_base)
 

@@ -241,9 +241,9 @@ def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0
     missing = [label for label in labels if counts.get(label, 0) == 0]
     if missing:
         return f"no training examples for label(s): {', '.join(missing)}"
-    most, least = max(counts[l] for l in labels), min(counts[l] for l in labels)
+    most, least = max(counts[x] for x in labels), min(counts[x] for x in labels)
     if most > ratio * least:
-        rare = min(labels, key=lambda l: counts[l])
+        rare = min(labels, key=lambda x: counts[x])
         return f"labels are imbalanced: {most} vs {least} examples ({rare!r} is rarest); consider more data for it"
     return None
 
