@@ -145,7 +145,24 @@ def load_base(name: str, *, revision: str | None = None, family: str = "auto",
     source = str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=dtype, **kwargs)
+    use_fused_gelu(model)
     return LoadedModel(model, tokenizer, family, name, config_fingerprint(config))
+
+
+def use_fused_gelu(model) -> int:
+    """Swap transformers' Python tanh-GELU (``gelu_new``) for PyTorch's fused kernel of the same formula.
+
+    flan-t5's gated-GELU feed-forward uses ``gelu_new``: eight elementwise passes over the widest activations.
+    The fused kernel gives the same values to float rounding (~1e-6) and makes the whole forward and
+    backward ~20% faster on CPU (docs/BENCHMARKS.md). Returns the number of modules swapped.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, GELUTanh())
+    return len(swaps)
 
 
 def count_parameters(model) -> tuple[int, int]:
