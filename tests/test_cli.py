@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from conftest import DATA
@@ -11,6 +12,22 @@ def test_help_lists_the_subcommands(run_cli):
     assert result.returncode == 0
     for name in SUBCOMMANDS:
         assert name in result.stdout
+
+
+def test_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch):
+    from loratune.cli import openmp_defaults
+
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    openmp_defaults()
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -355,8 +355,20 @@ def demo(
     print(f"\nadapter: {result.adapter_dir}\nreport:  {report_dir / 'report.md'}")
 
 
+def openmp_defaults() -> None:
+    """Let idle OpenMP threads sleep instead of spin, unless the user chose; effective only before torch loads.
+
+    GNU OpenMP (PyTorch's CPU threading) spins between parallel ops by default. When other processes share
+    the cores, a spinning thread burns its time slice waiting for a descheduled sibling: on a shared 2-core
+    machine that made batched scoring 2-3x and per-ticket generation 9-24x slower (docs/BENCHMARKS.md).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2; usage errors exit 2; anything else keeps its traceback."""
+    openmp_defaults()
     try:
         app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
     except LoratuneError as exc:
