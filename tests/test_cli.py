@@ -10,8 +10,23 @@ SUBCOMMANDS = ["inspect", "train", "predict", "evaluate", "compare", "demo"]
 def test_help_lists_the_subcommands(run_cli):
     result = run_cli("-h")
     assert result.returncode == 0
-    for name in SUBCOMMANDS:
+    for name in [*SUBCOMMANDS, "bench"]:
         assert name in result.stdout
+
+
+def test_bench_help(run_cli):
+    result = run_cli("bench", "--help")
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--output-dir" in result.stdout and "--device" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_results_with_targets(run_cli, tmp_path):
+    result = run_cli("bench", "--quick", "--output-dir", tmp_path, "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert {t["target"] for t in report["targets"]} and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert (tmp_path / "bench_quick.json").is_file() and "## Targets" in (tmp_path / "bench_quick.md").read_text()
 
 
 def test_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch):
