@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 from conftest import DATA
@@ -9,8 +10,39 @@ SUBCOMMANDS = ["inspect", "train", "predict", "evaluate", "compare", "serve", "d
 def test_help_lists_the_subcommands(run_cli):
     result = run_cli("-h")
     assert result.returncode == 0
-    for name in SUBCOMMANDS:
+    for name in [*SUBCOMMANDS, "bench"]:
         assert name in result.stdout
+
+
+def test_bench_help(run_cli):
+    result = run_cli("bench", "--help")
+    assert result.returncode == 0
+    assert "--quick" in result.stdout and "--output-dir" in result.stdout and "--device" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_results_with_targets(run_cli, tmp_path):
+    result = run_cli("bench", "--quick", "--output-dir", tmp_path, "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert {t["target"] for t in report["targets"]} and all(isinstance(t["met"], bool) for t in report["targets"])
+    assert (tmp_path / "bench_quick.json").is_file() and "## Targets" in (tmp_path / "bench_quick.md").read_text()
+
+
+def test_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch):
+    from loratune.cli import openmp_defaults
+
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    openmp_defaults()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    openmp_defaults()
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

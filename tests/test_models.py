@@ -6,7 +6,7 @@ import pytest
 
 from loratune.errors import LoratuneError
 from loratune.fixtures import FLAN_T5_SMALL, build_tiny_t5, t5_config
-from loratune.models import attach_lora, count_parameters, detect_family, load_adapter, load_config
+from loratune.models import attach_lora, count_parameters, detect_family, load_adapter, load_base, load_config
 
 
 def test_hub_id_fails_fast_offline_with_one_clear_sentence(monkeypatch):
@@ -97,3 +97,20 @@ def test_adapter_on_the_wrong_base_is_refused(trained, tmp_path):
     (moved / "loratune.json").write_text(json.dumps(meta))
     with pytest.raises(LoratuneError, match="different architecture or vocabulary"):
         load_adapter(moved)
+
+
+def test_base_models_load_with_the_fused_gelu_and_unchanged_outputs(tiny_t5):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    loaded = load_base(str(tiny_t5)).model.eval()
+    stock = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5)).eval()
+    assert any(type(m) is NewGELUActivation for m in stock.modules())
+    assert not any(type(m) is NewGELUActivation for m in loaded.modules())
+    assert any(type(m) is GELUTanh for m in loaded.modules())
+    ids = torch.randint(3, 500, (2, 12))
+    with torch.no_grad():
+        got = loaded(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        want = stock(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

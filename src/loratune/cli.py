@@ -523,10 +523,57 @@ def serve(
     adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
     _quiet_libraries()
     run(adapters, cfg, base_model=model, api_key=api_key or None)
+def _benchmarks_run():
+    """benchmarks/run.py of this source checkout (the benchmarks are not part of the installed package)."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "run.py").is_file():
+        raise LoratuneError("loratune bench runs benchmarks/run.py from a source checkout; none is beside this "
+                            f"installation ({root}): clone the repository and pip install -e . there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.run")
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: fewer tickets and sizes (< 2 min on 2 CPU cores).")] = False,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out",
+                                                      help="Results directory (default: benchmarks/results).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")] = None,
+    json_out: JsonOpt = False,
+):
+    """Speed and memory on flan-t5-small's shape (random weights, offline): training and prediction, with targets."""
+    run = _benchmarks_run()
+    _quiet_libraries()
+    results = run.run(quick=quick, out=output_dir, device=device, echo=lambda *a: print(*a, file=sys.stderr, flush=True))
+    if json_out:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("target", "value", "threshold", "met", title=f"benchmark targets ({results['mode']} run)")
+    for t in results["targets"]:
+        table.add_row(t["target"], f"{t['value']} {t['unit']}", str(t["threshold"]), "met" if t["met"] else "NOT MET")
+    Console().print(table)
+
+
+def openmp_defaults() -> None:
+    """Let idle OpenMP threads sleep instead of spin, unless the user chose; effective only before torch loads.
+
+    GNU OpenMP (PyTorch's CPU threading) spins between parallel ops by default. When other processes share
+    the cores, a spinning thread burns its time slice waiting for a descheduled sibling: on a shared 2-core
+    machine that made batched scoring 2-3x and per-ticket generation 9-24x slower (docs/BENCHMARKS.md).
+    """
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main() -> None:
     """Entry point: user errors print one line and exit 2; usage errors exit 2; anything else keeps its traceback."""
+    openmp_defaults()
     try:
         app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
     except LoratuneError as exc:

@@ -161,6 +161,7 @@ def load_base(name: str, *, revision: str | None = None, family: str = "auto",
         model = _load_causal(source, name, config, tokenizer, dtype, kwargs)
     else:
         model = _load_encoder(source, name, config, tokenizer, dtype, kwargs, labels)
+    use_fused_gelu(model)
     return LoadedModel(model, tokenizer, family, name, fingerprint)
 
 
@@ -210,6 +211,22 @@ def _load_encoder(source, name, config, tokenizer, dtype, kwargs, labels):
     except ValueError as exc:
         raise LoratuneError(f"cannot load {name!r} as an encoder classifier "
                             f"(AutoModelForSequenceClassification): {str(exc).splitlines()[0][:300]}") from None
+
+
+def use_fused_gelu(model) -> int:
+    """Swap transformers' Python tanh-GELU (``gelu_new``) for PyTorch's fused kernel of the same formula.
+
+    flan-t5's gated-GELU feed-forward uses ``gelu_new``: eight elementwise passes over the widest activations.
+    The fused kernel gives the same values to float rounding (~1e-6) and makes the whole forward and
+    backward ~20% faster on CPU (docs/BENCHMARKS.md). Returns the number of modules swapped.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+             if type(child) is NewGELUActivation]
+    for parent, name in swaps:
+        setattr(parent, name, GELUTanh())
+    return len(swaps)
 
 
 def count_parameters(model) -> tuple[int, int]:

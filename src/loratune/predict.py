@@ -120,7 +120,21 @@ def seq2seq_label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Seq
                            batch_size: int = 32, max_length: int = 384, progress=None) -> np.ndarray:
     """Summed log-probability of each label's tokens (with EOS) given each prompt: an (N, L) array.
 
-    The encoder runs once per prompt; all labels are then scored in one batched decoder pass.
+    T5-family models use the fast scorer (:mod:`loratune.scoring`: encoder once per prompt, label prefix tree,
+    vocabulary projection only where a label token is scored); other models the reference implementation.
+    """
+    from .scoring import T5LabelScorer, supports_fast_scoring
+
+    if not supports_fast_scoring(model):
+        return seq2seq_label_logprobs_reference(model, tokenizer, prompts, labels, batch_size, max_length, progress)
+    scorer = T5LabelScorer(model, label_token_ids(tokenizer, labels))
+    return _score_batches(scorer.score, model, tokenizer, prompts, len(labels), batch_size, max_length, progress)
+
+
+def seq2seq_label_logprobs_reference(model, tokenizer, prompts: Sequence[str], labels: Sequence[str],
+                                     batch_size: int = 32, max_length: int = 384, progress=None) -> np.ndarray:
+    """The same scores computed plainly: every (prompt, label) pair through the whole decoder, a full-vocabulary
+    log-softmax at every label position. Slow; the reference the fast scorer is tested and benchmarked against.
     """
     import torch
     from transformers.modeling_outputs import BaseModelOutput
@@ -136,25 +150,37 @@ def seq2seq_label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Seq
     start = model.config.decoder_start_token_id
     decoder_inputs = torch.cat([torch.full((n_labels, 1), start, dtype=torch.long), targets[:, :-1]], dim=1)
     targets, target_mask, decoder_inputs = targets.to(device), target_mask.to(device), decoder_inputs.to(device)
+    encoder = model.get_encoder()
 
+    def score(input_ids, attention_mask):
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        b = len(input_ids)
+        logits = model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
+            attention_mask=attention_mask.repeat_interleave(n_labels, 0),
+            decoder_input_ids=decoder_inputs.repeat(b, 1),
+        ).logits
+        logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        logp = logp.gather(-1, targets.repeat(b, 1).unsqueeze(-1)).squeeze(-1)
+        return (logp * target_mask.repeat(b, 1)).sum(-1).view(b, n_labels)
+
+    return _score_batches(score, model, tokenizer, prompts, n_labels, batch_size, max_length, progress)
+
+
+def _score_batches(score, model, tokenizer, prompts: Sequence[str], n_labels: int, batch_size: int,
+                   max_length: int, progress=None) -> np.ndarray:
+    """Tokenize, batch by length, and call ``score(input_ids, attention_mask) -> (B, L)`` on each batch."""
+    import torch
+
+    device = next(model.parameters()).device
     encoded = tokenizer(list(prompts), truncation=True, max_length=max_length)["input_ids"]
     out = np.zeros((len(prompts), n_labels), dtype=np.float64)
-    encoder = model.get_encoder()
     with torch.inference_mode():
         for batch in _batches_by_length([len(x) for x in encoded], batch_size):
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
-            hidden = encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-            b = len(batch)
-            logits = model(
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(n_labels, 0)),
-                attention_mask=inputs["attention_mask"].repeat_interleave(n_labels, 0),
-                decoder_input_ids=decoder_inputs.repeat(b, 1),
-            ).logits
-            logp = logits.float().log_softmax(-1).gather(-1, targets.repeat(b, 1).unsqueeze(-1)).squeeze(-1)
-            sums = (logp * target_mask.repeat(b, 1)).sum(-1).view(b, n_labels)
-            out[batch] = sums.double().cpu().numpy()
+            out[batch] = score(inputs["input_ids"], inputs["attention_mask"]).double().cpu().numpy()
             if progress is not None:
-                progress(b)
+                progress(len(batch))
     return out
 
 
