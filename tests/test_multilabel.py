@@ -269,3 +269,27 @@ def test_calibrate_writes_a_threshold_that_changes_predictions_as_expected(cli, 
     rows = [json.loads(x) for x in cli("predict", "--input", few, "--adapter", adapter, "--json", "--top-k", 5,
                                        "--threshold", 0.999, "--allow-empty").stdout.splitlines()]
     assert [row["labels"] for row in rows] == [[label for label in LABELS if row["scores"][label] >= 0.999] for row in rows]
+
+
+def test_server_returns_every_predicted_label_of_a_multi_label_adapter(ml_trained, ml_clf):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from loratune.serve import create_app, load_pool
+
+    adapter = ml_trained[0]
+    texts = [r["text"] for r in read_jsonl(ML / "test.jsonl")[:6]]
+    with TestClient(create_app(lambda: load_pool({"default": adapter}))) as client:
+        deadline = time.monotonic() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "model never became ready"
+            time.sleep(0.1)
+        response = client.post("/v1/classify", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    expected = ml_clf.predict(texts)
+    for got, want in zip(results, expected, strict=True):
+        assert got["labels"] == want.labels and want.labels  # in label-set order; never empty by default
+        assert got["label"] == ", ".join(want.labels)
+        assert got["scores"] == pytest.approx(want.scores, abs=1e-5)

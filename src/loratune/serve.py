@@ -72,10 +72,6 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 def check_adapters(adapters: Mapping[str, Path], base_model: str | None = None) -> dict[str, dict]:
     """Read every adapter's metadata and check they can be served together, without loading any weights."""
     metas = {name: read_metadata(path) for name, path in adapters.items()}
-    for name, meta in metas.items():
-        if meta.get("multi_label"):
-            raise LoratuneError(f"adapter {name!r} ({adapters[name]}) is multi-label; the server answers "
-                                f"single-label adapters only for now")
     check_shared_base(metas, base_model)
     return metas
 
