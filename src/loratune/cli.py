@@ -37,7 +37,7 @@ LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Label set in
 MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
-AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", help="Adapter directory; repeat to compare several.")]
+AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", metavar="DIR", help="Adapter directory; repeat to compare.")]
 ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
