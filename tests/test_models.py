@@ -11,10 +11,12 @@ from loratune.models import attach_lora, count_parameters, detect_family, load_a
 
 def test_hub_id_fails_fast_offline_with_one_clear_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig  # noqa: F401  (import time is not what this measures)
+
     start = time.perf_counter()
     with pytest.raises(LoratuneError) as err:
         load_config("google/flan-t5-small-not-cached")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 10  # no network wait at all (a hub attempt takes ~26 s)
     message = str(err.value)
     assert "google/flan-t5-small-not-cached" in message and "--model" in message and "\n" not in message
 

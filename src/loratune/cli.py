@@ -120,8 +120,6 @@ def train_cmd(
     json_out: JsonOpt = False, sets: SetOpt = None,
 ):
     """Train a LoRA adapter; the best one (by validation accuracy) goes to OUTPUT_DIR/final."""
-    from .train import train as run_train
-
     cfg = _config(config, sets, **_data_flags(model, family, train, val, None, text_field, label_field, labels,
                                              multi_label),
                   **{"train.output_dir": output_dir, "train.epochs": epochs, "train.max_steps": max_steps,
@@ -129,6 +127,8 @@ def train_cmd(
                      "train.seed": seed, "train.save_steps": save_steps})
     validate(cfg, training=True)
     _quiet_libraries()
+    from .train import train as run_train  # after validation: a bad flag is reported without loading torch
+
     result = run_train(cfg, resume=resume, overwrite=overwrite,
                        echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print)
     if json_out and int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process

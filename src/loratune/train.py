@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,8 +431,9 @@ class ProgressBar(TrainerCallback):
         if self.bar is not None and metrics:
             scores = " ".join(f"val_{name} {metrics[f'eval_{name}']:.4f}"
                               for name in ("accuracy", "micro_f1", "subset_accuracy") if f"eval_{name}" in metrics)
+            # Beside the bar on stderr, so stdout stays clean for --json.
             self.bar.write(f"step {state.global_step} epoch {state.epoch or 0:.2f}: "
-                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}")
+                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}", file=sys.stderr)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
