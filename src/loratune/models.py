@@ -149,12 +149,12 @@ def load_base(name: str, *, revision: str | None = None, family: str = "auto",
     return LoadedModel(model, tokenizer, family, name, config_fingerprint(config))
 
 
-def use_fused_gelu(model) -> int:
+def use_fused_gelu(model) -> None:
     """Swap transformers' Python tanh-GELU (``gelu_new``) for PyTorch's fused kernel of the same formula.
 
     flan-t5's gated-GELU feed-forward uses ``gelu_new``: eight elementwise passes over the widest activations.
     The fused kernel gives the same values to float rounding (~1e-6) and makes the whole forward and
-    backward ~20% faster on CPU (docs/BENCHMARKS.md). Returns the number of modules swapped.
+    backward faster on CPU (docs/BENCHMARKS.md).
     """
     from transformers.activations import GELUTanh, NewGELUActivation
 
@@ -162,7 +162,6 @@ def use_fused_gelu(model) -> int:
              if type(child) is NewGELUActivation]
     for parent, name in swaps:
         setattr(parent, name, GELUTanh())
-    return len(swaps)
 
 
 def count_parameters(model) -> tuple[int, int]:
