@@ -533,33 +533,40 @@ def fp64_check(merged, tokenizer, prompts, lengths, n: int) -> dict:
 
 POLICIES = {
     "spin (GNU OpenMP default)": {"GOMP_SPINCOUNT": "300000"},  # libgomp's documented default spin count
-    "passive (loratune default)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "bounded spin (loratune CLI default)": {"GOMP_SPINCOUNT": "10000"},
 }
+PROBES = ("score, batch 32", "score, batch 1", "generate, batch 32", "generate, per ticket")
 
 
-def probe(quick: bool) -> dict:
-    """Run in a fresh process: fast score (batch 32) and per-ticket generate tickets/s under this process's policy."""
+def probe(quick: bool) -> dict[str, float]:
+    """Run in a fresh process: tickets/s of each of PROBES under this process's OpenMP policy."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     s = Settings.for_mode(quick)
-    device = torch.device("cpu")
-    stock, tokenizer = build_model(device, s.seed)
+    stock, tokenizer = build_model(torch.device("cpu"), s.seed)
     merged = with_adapter(stock, s.seed)[1]
     prompts = synth_tickets(tokenizer, s.n_sweep, s.seed)
-    single = prompts[: max(1, s.n_single // 8)]
+    few = prompts[: max(1, s.n_single // 8)]
+    runs = {
+        PROBES[0]: (prompts, lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=DEFAULT_BATCH)),
+        PROBES[1]: (prompts[: s.n_single], lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=1)),
+        PROBES[2]: (prompts[:DEFAULT_BATCH], lambda p: generate_texts(merged, tokenizer, p, batch_size=DEFAULT_BATCH,
+                                                                      max_new_tokens=MAX_NEW_TOKENS)),
+        PROBES[3]: (few, lambda p: generate_texts(merged, tokenizer, p, batch_size=1, max_new_tokens=MAX_NEW_TOKENS)),
+    }
     seq2seq_label_logprobs(merged, tokenizer, prompts[:4], LABELS)  # warm-up
-    t0 = time.perf_counter()
-    seq2seq_label_logprobs(merged, tokenizer, prompts, LABELS, batch_size=DEFAULT_BATCH)
-    t1 = time.perf_counter()
-    generate_texts(merged, tokenizer, single, batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
-    t2 = time.perf_counter()
-    return {"score_fast_tickets_per_s": len(prompts) / (t1 - t0), "generate_single_tickets_per_s": len(single) / (t2 - t1),
-            "n_score": len(prompts), "n_generate": len(single)}
+    rates = {}
+    for name, (subset, fn) in runs.items():
+        t0 = time.perf_counter()
+        fn(subset)
+        rates[name] = len(subset) / (time.perf_counter() - t0)
+    return rates
 
 
 def policy_rows(s: Settings, echo) -> list[dict]:
-    """Each policy in fresh processes, alternating (twice each in a full run)."""
+    """Each policy in fresh processes, alternating (twice each in a full run); median tickets/s per probe."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -570,16 +577,10 @@ def policy_rows(s: Settings, echo) -> list[dict]:
             cmd = [sys.executable, "-m", "benchmarks.run", "--probe"] + (["--quick"] if s.quick else [])
             done = subprocess.run(cmd, cwd=root, env={**base, **env}, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            echo(f"  {name:<28} score {runs[name][-1]['score_fast_tickets_per_s']:6.2f} tickets/s, per-ticket generate "
-                 f"{runs[name][-1]['generate_single_tickets_per_s']:5.2f} tickets/s")
-    rows = []
-    for name, results in runs.items():
-        row = {"policy": name, "env": POLICIES[name], "n_score": results[0]["n_score"],
-               "n_generate": results[0]["n_generate"], "runs": len(results)}
-        for key in ("score_fast_tickets_per_s", "generate_single_tickets_per_s"):
-            row[key] = round(statistics.median(r[key] for r in results), 3)
-        rows.append(row)
-    return rows
+            echo(f"  {name:<36} " + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()) + " tickets/s")
+    return [{"policy": name, "env": POLICIES[name], "runs": len(results),
+             **{k: round(statistics.median(r[k] for r in results), 3) for k in PROBES}}
+            for name, results in runs.items()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -808,13 +809,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {t['name']} | {t['batch']} | {t['padding']} | {t['sampler']} | {t['samples']} | "
                      f"{t['samples_per_s']:.2f} | {t.get('rss_growth_mb', '')}{cuda} |")
     if r.get("openmp_wait_policy"):
-        lines += ["", "## OpenMP wait policy (fresh process per run, alternating; median)", "",
-                  "| policy | env | score, fast, batch 32: tickets/s | generate, per ticket: tickets/s | runs |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## OpenMP wait policy (tickets/s; fresh process per run, alternating; median)", "",
+                  "| policy | env | " + " | ".join(PROBES) + " | runs |", "|---|---|" + "---|" * len(PROBES) + "---|"]
         for p in r["openmp_wait_policy"]:
             env = " ".join(f"{k}={v}" for k, v in p["env"].items())
-            lines.append(f"| {p['policy']} | `{env}` | {p['score_fast_tickets_per_s']:.2f} ({p['n_score']} tickets) | "
-                         f"{p['generate_single_tickets_per_s']:.2f} ({p['n_generate']} tickets) | {p['runs']} |")
+            lines.append(f"| {p['policy']} | `{env}` | " + " | ".join(f"{p[k]:.2f}" for k in PROBES) + f" | {p['runs']} |")
     return "\n".join(lines) + "\n"
 
 
