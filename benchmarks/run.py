@@ -172,7 +172,7 @@ def num_threads(n: int | None):
         torch.set_num_threads(old)
 
 
-def matmul_peak(n: int, device: torch.device, repeats: int = 5) -> float:
+def matmul_peak(n: int, device: torch.device, repeats: int = 3) -> float:
     """fp32 GFLOP/s of a large square matmul: the practical ceiling for this model's dense layers."""
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
@@ -384,9 +384,14 @@ def prediction_cases(s: Settings, merged, unmerged, stock_merged, int8, tokenize
     return cases
 
 
-def run_cases(cases: list[Case], s: Settings, device: torch.device, echo) -> list[dict]:
+def run_cases(cases: list[Case], s: Settings, device: torch.device, peaks: dict[int, list[float]], echo) -> list[dict]:
+    """Every case once per repeat, in order; a matmul peak reading per thread count before each repeat."""
     rows = [dict() for _ in cases]
     for rep in range(s.repeats):
+        for threads, readings in peaks.items():
+            with num_threads(threads):
+                readings.append(matmul_peak(s.matmul_n, device))
+        echo("  fp32 matmul peak, GFLOP/s: " + ", ".join(f"{t} thread(s) {v[-1]:.1f}" for t, v in peaks.items()))
         for case, row in zip(cases, rows):
             with num_threads(case.threads), PeakMemory(device) as mem:
                 _sync(device)
@@ -528,33 +533,40 @@ def fp64_check(merged, tokenizer, prompts, lengths, n: int) -> dict:
 
 POLICIES = {
     "spin (GNU OpenMP default)": {"GOMP_SPINCOUNT": "300000"},  # libgomp's documented default spin count
-    "passive (loratune default)": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "bounded spin (loratune CLI default)": {"GOMP_SPINCOUNT": "10000"},
 }
+PROBES = ("score, batch 32", "score, batch 1", "generate, batch 32", "generate, per ticket")
 
 
-def probe(quick: bool) -> dict:
-    """Run in a fresh process: fast score (batch 32) and per-ticket generate tickets/s under this process's policy."""
+def probe(quick: bool) -> dict[str, float]:
+    """Run in a fresh process: tickets/s of each of PROBES under this process's OpenMP policy."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     s = Settings.for_mode(quick)
-    device = torch.device("cpu")
-    stock, tokenizer = build_model(device, s.seed)
+    stock, tokenizer = build_model(torch.device("cpu"), s.seed)
     merged = with_adapter(stock, s.seed)[1]
     prompts = synth_tickets(tokenizer, s.n_sweep, s.seed)
-    single = prompts[: max(1, s.n_single // 8)]
+    few = prompts[: max(1, s.n_single // 8)]
+    runs = {
+        PROBES[0]: (prompts, lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=DEFAULT_BATCH)),
+        PROBES[1]: (prompts[: s.n_single], lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=1)),
+        PROBES[2]: (prompts[:DEFAULT_BATCH], lambda p: generate_texts(merged, tokenizer, p, batch_size=DEFAULT_BATCH,
+                                                                      max_new_tokens=MAX_NEW_TOKENS)),
+        PROBES[3]: (few, lambda p: generate_texts(merged, tokenizer, p, batch_size=1, max_new_tokens=MAX_NEW_TOKENS)),
+    }
     seq2seq_label_logprobs(merged, tokenizer, prompts[:4], LABELS)  # warm-up
-    t0 = time.perf_counter()
-    seq2seq_label_logprobs(merged, tokenizer, prompts, LABELS, batch_size=DEFAULT_BATCH)
-    t1 = time.perf_counter()
-    generate_texts(merged, tokenizer, single, batch_size=1, max_new_tokens=MAX_NEW_TOKENS)
-    t2 = time.perf_counter()
-    return {"score_fast_tickets_per_s": len(prompts) / (t1 - t0), "generate_single_tickets_per_s": len(single) / (t2 - t1),
-            "n_score": len(prompts), "n_generate": len(single)}
+    rates = {}
+    for name, (subset, fn) in runs.items():
+        t0 = time.perf_counter()
+        fn(subset)
+        rates[name] = len(subset) / (time.perf_counter() - t0)
+    return rates
 
 
 def policy_rows(s: Settings, echo) -> list[dict]:
-    """Each policy in fresh processes, alternating (twice each in a full run)."""
+    """Each policy in fresh processes, alternating (twice each in a full run); median tickets/s per probe."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -565,16 +577,10 @@ def policy_rows(s: Settings, echo) -> list[dict]:
             cmd = [sys.executable, "-m", "benchmarks.run", "--probe"] + (["--quick"] if s.quick else [])
             done = subprocess.run(cmd, cwd=root, env={**base, **env}, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
-            echo(f"  {name:<28} score {runs[name][-1]['score_fast_tickets_per_s']:6.2f} tickets/s, per-ticket generate "
-                 f"{runs[name][-1]['generate_single_tickets_per_s']:5.2f} tickets/s")
-    rows = []
-    for name, results in runs.items():
-        row = {"policy": name, "env": POLICIES[name], "n_score": results[0]["n_score"],
-               "n_generate": results[0]["n_generate"], "runs": len(results)}
-        for key in ("score_fast_tickets_per_s", "generate_single_tickets_per_s"):
-            row[key] = round(statistics.median(r[key] for r in results), 3)
-        rows.append(row)
-    return rows
+            echo(f"  {name:<36} " + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()) + " tickets/s")
+    return [{"policy": name, "env": POLICIES[name], "runs": len(results),
+             **{k: round(statistics.median(r[k] for r in results), 3) for k in PROBES}}
+            for name, results in runs.items()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -641,18 +647,14 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
     echo(f"tickets: {len(prompts)}, prompt tokens mean {np.mean(lengths):.1f} (min {min(lengths)}, max {max(lengths)}); "
          f"labels: {len(LABELS)}, {sum(map(len, label_ids))} label tokens with EOS, {n_nodes} trie nodes")
 
-    peak_all = matmul_peak(s.matmul_n, dev)
-    with num_threads(1):
-        peak_one = matmul_peak(s.matmul_n, dev)
-    echo(f"fp32 matmul peak ({s.matmul_n}^3): {peak_all:.1f} GFLOP/s all threads, {peak_one:.1f} GFLOP/s 1 thread")
-
     echo("prediction:")
     rss_before = round((_status_kb("VmRSS") or 0) / 1024, 1)
     cases = prediction_cases(s, merged, unmerged, stock_merged, int8, tokenizer, prompts, lengths, label_len)
-    memory = run_cases(cases, s, dev, echo)
-    peak_again = matmul_peak(s.matmul_n, dev)
-    peak = max(peak_all, peak_again)  # the higher reading: % of peak errs low, never high
-    echo(f"fp32 matmul peak again: {peak_again:.1f} GFLOP/s")
+    all_threads = torch.get_num_threads()
+    readings: dict[int, list[float]] = {all_threads: [], 1: []} if all_threads > 1 else {1: []}
+    memory = run_cases(cases, s, dev, readings, echo)
+    # The highest reading: with other load on the machine % of peak then errs low, never high.
+    peak, peak_one = max(readings[all_threads]), max(readings[1])
 
     prediction = []
     for case, mem in zip(cases, memory):
@@ -710,8 +712,8 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
                   "model_copies": 5 if int8 is not None else 4, "rss_before_measuring_mb": rss_before,
                   "prompt_tokens": {"mean": round(float(np.mean(lengths)), 1), "min": min(lengths),
                                     "max": max(lengths)}},
-        "matmul_peak_gflops": {"all_threads": round(peak, 1), "all_threads_readings": [round(peak_all, 1),
-                               round(peak_again, 1)], "one_thread": round(peak_one, 1), "n": s.matmul_n},
+        "matmul_peak_gflops": {"all_threads": round(peak, 1), "one_thread": round(peak_one, 1), "n": s.matmul_n,
+                               "readings": {str(k): [round(x, 1) for x in v] for k, v in readings.items()}},
         "prediction": prediction, "precision": precision, "training": training, "openmp_wait_policy": policies,
     }
     results["targets"] = evaluate_targets(fast_row, naive_row, gen_single, gen_batched, int8_row, precision, training)
@@ -761,8 +763,9 @@ def markdown(r: dict) -> str:
              f"| device | {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''} |",
              f"| torch / transformers / peft | {m['torch']} / {m['transformers']} / {m['peft']} |",
              f"| load average at start / end | {m['load_average_at_start']} / {m['load_average_at_end']} |",
-             f"| fp32 matmul peak ({r['matmul_peak_gflops']['n']}^3) | {r['matmul_peak_gflops']['all_threads']} GFLOP/s "
-             f"all threads, {r['matmul_peak_gflops']['one_thread']} GFLOP/s 1 thread |", ""]
+             f"| fp32 matmul peak ({r['matmul_peak_gflops']['n']}^3, best reading) | {r['matmul_peak_gflops']['all_threads']} "
+             f"GFLOP/s all threads, {r['matmul_peak_gflops']['one_thread']} GFLOP/s 1 thread (readings: "
+             f"{r['matmul_peak_gflops']['readings']}) |", ""]
     mo = r["model"]
     lines += [f"Model: {mo['config']} ({mo['parameters'] / 1e6:.1f} M parameters; the process holds "
               f"{mo['model_copies']} variants, {mo['rss_before_measuring_mb']} MB RSS before measuring, so the "
@@ -806,13 +809,11 @@ def markdown(r: dict) -> str:
         lines.append(f"| {t['name']} | {t['batch']} | {t['padding']} | {t['sampler']} | {t['samples']} | "
                      f"{t['samples_per_s']:.2f} | {t.get('rss_growth_mb', '')}{cuda} |")
     if r.get("openmp_wait_policy"):
-        lines += ["", "## OpenMP wait policy (fresh process per run, alternating; median)", "",
-                  "| policy | env | score, fast, batch 32: tickets/s | generate, per ticket: tickets/s | runs |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## OpenMP wait policy (tickets/s; fresh process per run, alternating; median)", "",
+                  "| policy | env | " + " | ".join(PROBES) + " | runs |", "|---|---|" + "---|" * len(PROBES) + "---|"]
         for p in r["openmp_wait_policy"]:
             env = " ".join(f"{k}={v}" for k, v in p["env"].items())
-            lines.append(f"| {p['policy']} | `{env}` | {p['score_fast_tickets_per_s']:.2f} ({p['n_score']} tickets) | "
-                         f"{p['generate_single_tickets_per_s']:.2f} ({p['n_generate']} tickets) | {p['runs']} |")
+            lines.append(f"| {p['policy']} | `{env}` | " + " | ".join(f"{p[k]:.2f}" for k in PROBES) + f" | {p['runs']} |")
     return "\n".join(lines) + "\n"
 
 

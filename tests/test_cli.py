@@ -29,20 +29,20 @@ def test_bench_quick_writes_results_with_targets(run_cli, tmp_path):
     assert (tmp_path / "bench_quick.json").is_file() and "## Targets" in (tmp_path / "bench_quick.md").read_text()
 
 
-def test_cli_lets_idle_openmp_threads_sleep_unless_told_otherwise(monkeypatch):
+def test_cli_bounds_openmp_spinning_unless_told_otherwise(monkeypatch):
     from loratune.cli import openmp_defaults
 
     for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(var, raising=False)
     openmp_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    openmp_defaults()
+    assert os.environ["GOMP_SPINCOUNT"] == "300000"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     openmp_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
-    openmp_defaults()
-    assert "OMP_WAIT_POLICY" not in os.environ
+    assert "GOMP_SPINCOUNT" not in os.environ
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

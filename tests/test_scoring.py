@@ -16,7 +16,7 @@ from loratune.predict import (
     seq2seq_label_logprobs_reference,
 )
 from loratune.prompt import format_example
-from loratune.scoring import T5LabelScorer, build_label_trie, supports_fast_scoring
+from loratune.scoring import T5LabelScorer, _logsumexp, build_label_trie, supports_fast_scoring
 
 TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
          "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?",
@@ -138,6 +138,15 @@ def test_trie_shares_prefixes_and_indexes_every_label_token():
             node = trie.node[j, t].item()
             assert trie.depth[node].item() == t
             assert (t == 0 and node == 0) or trie.tokens[node].item() == ids[t - 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamped_logsumexp_equals_torchs(dtype):
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 4, 32128) * 40).to(dtype)  # spans ~300: most terms fall under the clamp
+    logits[0, 0, :5] = 500.0  # several equal maxima
+    torch.testing.assert_close(_logsumexp(logits), torch.logsumexp(logits, -1), rtol=0,
+                               atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 def test_scorer_projects_only_trie_nodes(base):

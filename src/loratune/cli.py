@@ -561,14 +561,16 @@ def bench(
 
 
 def openmp_defaults() -> None:
-    """Let idle OpenMP threads sleep instead of spin, unless the user chose; effective only before torch loads.
+    """Bound how long idle OpenMP threads spin before sleeping, unless the user chose; only effective before torch loads.
 
-    GNU OpenMP (PyTorch's CPU threading) spins between parallel ops by default. When other processes share
+    GNU OpenMP (PyTorch's CPU threading) spins ~300k rounds between parallel ops. When other processes share
     the cores, a spinning thread burns its time slice waiting for a descheduled sibling: on a shared 2-core
-    machine that made batched scoring 2-3x and per-ticket generation 9-24x slower (docs/BENCHMARKS.md).
+    machine batched scoring ran 2-3x and per-ticket generation up to 15x slower. Sleeping at once
+    (OMP_WAIT_POLICY=PASSIVE) cured that but cost a quiet machine ~35% on small ops; 10k rounds kept the quiet
+    speed and most of the cure (A/B in docs/BENCHMARKS.md).
     """
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 def main() -> None:

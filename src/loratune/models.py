@@ -213,12 +213,12 @@ def _load_encoder(source, name, config, tokenizer, dtype, kwargs, labels):
                             f"(AutoModelForSequenceClassification): {str(exc).splitlines()[0][:300]}") from None
 
 
-def use_fused_gelu(model) -> int:
+def use_fused_gelu(model) -> None:
     """Swap transformers' Python tanh-GELU (``gelu_new``) for PyTorch's fused kernel of the same formula.
 
     flan-t5's gated-GELU feed-forward uses ``gelu_new``: eight elementwise passes over the widest activations.
     The fused kernel gives the same values to float rounding (~1e-6) and makes the whole forward and
-    backward ~20% faster on CPU (docs/BENCHMARKS.md). Returns the number of modules swapped.
+    backward faster on CPU (docs/BENCHMARKS.md).
     """
     from transformers.activations import GELUTanh, NewGELUActivation
 
@@ -226,7 +226,6 @@ def use_fused_gelu(model) -> int:
              if type(child) is NewGELUActivation]
     for parent, name in swaps:
         setattr(parent, name, GELUTanh())
-    return len(swaps)
 
 
 def count_parameters(model) -> tuple[int, int]:
