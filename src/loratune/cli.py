@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from .config import Config, load_config, parse_set_options, validate
+from .prompt import DEFAULT_LABELS as DEMO_LABELS
 from .errors import LoratuneError
 
 app = typer.Typer(
@@ -29,11 +30,20 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
-ValOpt = Annotated[Optional[str], typer.Option("--val", help="Validation file; 'none' splits it from --train.")]
+ValOpt = Annotated[Optional[str], typer.Option(
+    "--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")]
 TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
 TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
 LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
-LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Label set in prompt order, comma-separated.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(
+    "--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted).")]
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
+InputNameOpt = Annotated[Optional[str], typer.Option(
+    "--input-name", help="What one input is called in the prompt and in speed units (default: text).")]
+IdFieldOpt = Annotated[Optional[str], typer.Option("--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
+MinConfidenceOpt = Annotated[Optional[float], typer.Option(
+    "--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain).")]
+FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
 MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
@@ -57,6 +67,8 @@ def _config(config: Path | None, sets: list[str] | None, **flags) -> Config:
 
 
 def _data_flags(model, family, train, val, test, text_field, label_field, labels, multi_label) -> dict:
+    if train is not None and val is None:
+        val = "none"  # your own training data: nothing of the shipped demo leaks in, val is split from it
     return {"model.name": model, "model.family": family, "data.train": train, "data.val": val,
             "data.test": test, "data.text_field": text_field, "data.label_field": label_field,
             "data.labels": labels, "data.multi_label": multi_label}
@@ -74,25 +86,27 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, unit: str = "example"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="ticket", dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 @app.command()
 def inspect(
     config: ConfigOpt = None, model: ModelOpt = None, family: FamilyOpt = None, train: TrainOpt = None,
     val: ValOpt = None, text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None,
-    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, seed: SeedOpt = None,
+    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, seed: SeedOpt = None, task: TaskOpt = None,
+    input_name: InputNameOpt = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="Formatted prompt/target pairs to show.")] = 3,
     json_out: JsonOpt = False, sets: SetOpt = None,
 ):
-    """Label counts, token-length percentiles, truncation and sample prompts for a dataset."""
+    """Label counts, token lengths of exactly what the model is fed, text cuts and sample prompts."""
     from .inspect_data import inspect_dataset, render
 
     cfg = _config(config, sets, **_data_flags(model, family, train, val, None, text_field, label_field, labels,
-                                             multi_label), **{"train.seed": seed})
+                                             multi_label), **{"train.seed": seed, "prompt.task": task,
+                                                              "prompt.input_name": input_name})
     validate(cfg)
     _quiet_libraries()
     report = inspect_dataset(cfg, n_examples=examples)
@@ -117,6 +131,7 @@ def train_cmd(
     save_steps: Annotated[Optional[int], typer.Option("--save-steps", help="Checkpoint every N steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output-dir.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an unfinished run.")] = False,
+    task: TaskOpt = None, input_name: InputNameOpt = None, id_field: IdFieldOpt = None,
     json_out: JsonOpt = False, sets: SetOpt = None,
 ):
     """Train a LoRA adapter; the best one (by validation accuracy) goes to OUTPUT_DIR/final."""
@@ -124,7 +139,8 @@ def train_cmd(
                                              multi_label),
                   **{"train.output_dir": output_dir, "train.epochs": epochs, "train.max_steps": max_steps,
                      "train.batch_size": batch_size, "train.lr": lr, "lora.r": lora_r, "lora.alpha": lora_alpha,
-                     "train.seed": seed, "train.save_steps": save_steps})
+                     "train.seed": seed, "train.save_steps": save_steps, "prompt.task": task,
+                     "prompt.input_name": input_name, "data.id_field": id_field})
     validate(cfg, training=True)
     _quiet_libraries()
     from .train import train as run_train  # after validation: a bad flag is reported without loading torch
@@ -139,20 +155,18 @@ def train_cmd(
 
 
 def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None, base_override: str | None = None):
-    """An adapter (its base from its metadata unless --model overrides it), or the base model alone."""
-    from .predict import Classifier
+    """An adapter (its base from its metadata unless --model overrides it), or the base model alone. The adapter's
+    recorded data fields apply unless given again."""
+    from .predict import classifier_from_config
 
-    mode = mode or cfg.predict.mode
-    decision = dict(threshold=cfg.predict.threshold, allow_empty=cfg.predict.allow_empty)
-    if adapter is not None:
-        return Classifier.from_pretrained(adapter, mode=mode, base_model=base_override,
-                                          batch_size=cfg.predict.batch_size, merge=cfg.predict.merge,
-                                          max_new_tokens=cfg.predict.max_new_tokens, **decision)
-    return Classifier.from_pretrained(cfg.model.name, mode=mode, labels=cfg.data.labels, task=cfg.prompt.task,
-                                      input_name=cfg.prompt.input_name, batch_size=cfg.predict.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=cfg.model.revision,
-                                      multi_label=cfg.data.multi_label, chat_template=cfg.prompt.chat_template,
-                                      **decision)
+    if mode:
+        cfg.predict.mode = mode
+    clf = classifier_from_config(cfg, adapter, base_override=base_override)
+    defaults = Config().data
+    for key, value in clf.spec.fields.items():
+        if value and getattr(cfg.data, key) == getattr(defaults, key):
+            setattr(cfg.data, key, value)
+    return clf
 
 
 def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
@@ -179,31 +193,41 @@ def predict(
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Keep the K most likely labels (score mode; default: 3 in the table, all in --json).")] = None,
     json_out: JsonOpt = False, sets: SetOpt = None, multi_label: MultiLabelOpt = None,
-    threshold: ThresholdOpt = None, allow_empty: AllowEmptyOpt = None,
+    threshold: ThresholdOpt = None, allow_empty: AllowEmptyOpt = None, id_field: IdFieldOpt = None,
+    task: TaskOpt = None, input_name: InputNameOpt = None, min_confidence: MinConfidenceOpt = None,
+    fallback_label: FallbackOpt = None,
 ):
-    """Classify text with an adapter (or a base model prompted alone)."""
+    """Classify text with an adapter (or a base model prompted alone, with --labels)."""
     cfg = _config(config, sets, **{"model.name": model, "data.labels": labels, "data.text_field": text_field,
                                    "predict.mode": mode, "predict.batch_size": batch_size,
                                    "data.multi_label": multi_label, "predict.threshold": threshold,
-                                   "predict.allow_empty": allow_empty})
+                                   "predict.allow_empty": allow_empty, "data.id_field": id_field,
+                                   "prompt.task": task, "prompt.input_name": input_name,
+                                   "predict.min_confidence": min_confidence, "predict.fallback_label": fallback_label})
     validate(cfg)
     if top_k is not None and top_k < 1:
         raise LoratuneError("--top-k must be at least 1")
+    if text is not None and text != "-" and not text.strip():
+        raise LoratuneError("nothing to classify: the TEXT argument is empty")
+    _quiet_libraries()
+    clf = _load_classifier(adapter, cfg, base_override=model)
     texts = _read_inputs(text, input_path, cfg)
     if not texts:
         raise LoratuneError("nothing to classify: the input is empty")
-    _quiet_libraries()
-    clf = _load_classifier(adapter, cfg, base_override=model)
-    bar = _progress(len(texts), "predict") if len(texts) > clf.batch_size else None
+    from .data import read_ids
+
+    ids = read_ids(input_path, cfg.data.id_field) if input_path is not None else None
+    bar = _progress(len(texts), "predict", clf.spec.input_name) if len(texts) > clf.batch_size else None
     predictions = clf.predict(texts, progress=bar.update if bar else None)
     if bar:
         bar.close()
     if json_out:
-        for t, p in zip(texts, predictions):
+        for i, (t, p) in enumerate(zip(texts, predictions)):
             scores = p.scores
             if scores is not None and top_k is not None and top_k < len(scores):
                 scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[:top_k])
-            row = {"text": t, "label": p.label, "scores": scores, "raw": p.raw}
+            row = ({"id": ids[i]} if ids is not None else {}) | {"text": t, "label": p.label, "scores": scores,
+                                                               "raw": p.raw, "cut_tokens": p.cut}
             if p.labels is not None:
                 row.update(labels=p.labels, unknown=p.unknown)
             print(json.dumps(row, ensure_ascii=False))
@@ -222,15 +246,6 @@ def predict(
     Console().print(table)
 
 
-def _eval_examples(cfg: Config, labels, multi_label: bool | None = None):
-    from .data import load_eval_examples
-
-    path = cfg.data.test or cfg.data.val
-    if not path:
-        raise LoratuneError("no evaluation data: pass --test FILE")
-    return path, load_eval_examples(path, cfg.data, labels, multi_label)
-
-
 def _modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     if mode is None or mode == "both":
         return default
@@ -245,49 +260,39 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
 
     if report.get("multi_label"):
         return _print_multilabel_summary(report, out_dir)
-    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", "tickets/s",
+    abstain = any("in_scope_accuracy" in r for r in report["results"])
+    extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
+    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", *extra, "examples/s",
                   title=f"{report['dataset']} ({report['n']} examples)")
     for r in report["results"]:
+        cells = [_pct(r.get(k)) for k in ("in_scope_accuracy", "oos_recall", "abstain_rate")] if abstain else []
         table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
-                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", f"{r['tickets_per_s']:.1f}")
+                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", *cells,
+                      f"{r['examples_per_s']:.1f}")
     console = Console()
     console.print(table)
     if out_dir is not None:
         console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "tickets/s",
+    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "examples/s",
                   title=f"{report['dataset']} ({report['n']} examples, multi-label)")
     for r in report["results"]:
         table.add_row(r["model"], r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
                       f"{100 * r['micro_f1']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{100 * r['subset_accuracy']:.1f}%",
-                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['tickets_per_s']:.1f}")
+                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['examples_per_s']:.1f}")
     console = Console()
     console.print(table)
     if out_dir is not None:
         console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
-
-
-def _run_eval(models: list[tuple[str, object]], examples, modes, dataset: str, labels) -> dict:
-    from .evaluate import build_report
-    from .evaluate import evaluate as run_evaluate
-    from .predict import GENERATE_NOT_FOR_ENCODERS
-
-    results = []
-    for mode in modes:
-        for name, clf in models:
-            if mode == "generate" and clf.family == "encoder":
-                continue  # a classification head has no text to generate; "both" means score only here
-            bar = _progress(len(examples), f"{name} {mode}")
-            results.append(run_evaluate(clf, examples, mode=mode, name=name, progress=bar.update))
-            bar.close()
-    if not results:
-        raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
-    return build_report(results, examples, dataset, labels)
 
 
 @app.command("evaluate")
@@ -296,28 +301,48 @@ def evaluate_cmd(
     text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, labels: LabelsOpt = None,
     mode: ModeOpt = None, batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False,
     sets: SetOpt = None, multi_label: MultiLabelOpt = None, threshold: ThresholdOpt = None,
-    allow_empty: AllowEmptyOpt = None,
+    allow_empty: AllowEmptyOpt = None, task: TaskOpt = None, input_name: InputNameOpt = None,
+    min_confidence: MinConfidenceOpt = None, fallback_label: FallbackOpt = None,
 ):
     """Metrics for one model (adapter, or base model prompted alone) on a labelled file."""
-    from .evaluate import write_report
+    from .compare import eval_examples, run_eval
 
     cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
                                    "data.label_field": label_field, "data.labels": labels,
                                    "predict.batch_size": batch_size, "data.multi_label": multi_label,
-                                   "predict.threshold": threshold, "predict.allow_empty": allow_empty})
+                                   "predict.threshold": threshold, "predict.allow_empty": allow_empty,
+                                   "prompt.task": task, "prompt.input_name": input_name,
+                                   "predict.min_confidence": min_confidence, "predict.fallback_label": fallback_label})
     validate(cfg)
     modes = _modes(mode, (cfg.predict.mode,))
     _quiet_libraries()
+    if adapter is None and not cfg.data.labels:
+        cfg.data.labels = _labels_of(cfg)  # a base model is asked about the labels the test data has
     clf = _load_classifier(adapter, cfg, modes[0], base_override=model)
-    path, examples = _eval_examples(cfg, clf.labels, clf.multi_label)
-    name = "adapter" if adapter else "base"
-    report = _run_eval([(name, clf)], examples, modes, path, clf.labels)
-    out = Path(output_dir or "outputs/evaluate")
-    write_report(report, out)
+    path, examples = eval_examples(cfg, clf)
+    report = run_eval([("adapter" if adapter else "base", clf)], examples, modes, path, clf.labels, _progress)
+    out = _write(report, output_dir or "outputs/evaluate")
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         _print_summary(report, out)
+
+
+def _labels_of(cfg: Config) -> list[str]:
+    from .data import read_examples, resolve_labels
+
+    path = cfg.data.test or cfg.data.val
+    if not path:
+        raise LoratuneError("no evaluation data: pass --test FILE")
+    examples = read_examples(path, cfg.data.text_field, cfg.data.label_field, bool(cfg.data.multi_label),
+                             cfg.data.label_delimiter)
+    return resolve_labels(None, examples)
+
+
+def _write(report: dict, out_dir) -> Path:
+    from .evaluate import write_report
+
+    return write_report(report, Path(out_dir))
 
 
 @app.command()
@@ -325,99 +350,27 @@ def compare(
     adapter: AdaptersOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
     text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, mode: ModeOpt = None,
     batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
+    min_confidence: MinConfidenceOpt = None, fallback_label: FallbackOpt = None,
 ):
     """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements.
 
     With several --adapter options, all adapters (and each one's base, once per distinct base) go in one report.
     """
+    from .compare import compare as run_compare
+
     adapters = adapter or [Path(load_config(config).train.output_dir) / "final"]
     cfg = _config(config, sets, **{"model.name": model, "data.test": test, "data.text_field": text_field,
-                                   "data.label_field": label_field, "predict.batch_size": batch_size})
+                                   "data.label_field": label_field, "predict.batch_size": batch_size,
+                                   "predict.min_confidence": min_confidence, "predict.fallback_label": fallback_label})
     validate(cfg)
     modes = _modes(mode, ("score", "generate"))
     _quiet_libraries()
     out_dir = Path(output_dir or "outputs/report")
-    if len(adapters) == 1:
-        report, out = run_compare(adapters[0], cfg, modes, out_dir, base_override=model)
-    else:
-        report, out = run_compare_many(adapters, cfg, modes, out_dir, base_override=model)
+    report = run_compare(adapters, cfg, modes=modes, out_dir=out_dir, base_override=model, progress=_progress)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report, out)
-
-
-def run_compare(adapter: Path, cfg: Config, modes, out: Path, base_override: str | None = None) -> tuple[dict, Path]:
-    """Evaluate base alone and base + adapter on the same prompts, write the report, return (report, dir)."""
-    from .evaluate import write_report
-
-    tuned = _load_classifier(adapter, cfg, modes[0], base_override)
-    meta = tuned.metadata
-    base_name = base_override or meta["base_model"]
-    base = _base_of(tuned, cfg, modes[0], base_override)
-    path, examples = _eval_examples(cfg, tuned.labels, tuned.multi_label)
-    report = _run_eval([("base", base), ("adapter", tuned)], examples, modes, path, tuned.labels)
-    report["base_model"] = meta.get("base_model_requested", base_name)
-    report["adapter"] = str(adapter)
-    write_report(report, out)
-    return report, out
-
-
-def _base_of(tuned, cfg: Config, mode: str, base_override: str | None = None):
-    """The adapter's base model prompted alone, reading prompts exactly as the adapter does."""
-    from .predict import Classifier
-
-    meta = tuned.metadata
-    return Classifier.from_pretrained(base_override or meta["base_model"], mode=mode, labels=tuned.labels,
-                                      task=tuned.task, input_name=tuned.input_name, batch_size=tuned.batch_size,
-                                      max_new_tokens=cfg.predict.max_new_tokens, revision=meta.get("base_revision"),
-                                      chat_template="on" if tuned.chat_template else "off",
-                                      multi_label=tuned.multi_label, threshold=cfg.predict.threshold,
-                                      allow_empty=cfg.predict.allow_empty)
-
-
-def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
-    """A table-friendly unique name: the directory name (its parent's for OUTPUT_DIR/final), or the hub id."""
-    path = Path(path_or_id)
-    name = prefix + (path.parent.name if path.name == "final" and path.parent.name else (path.name or path_or_id))
-    unique, i = name, 2
-    while unique in taken:
-        unique, i = f"{name}-{i}", i + 1
-    taken.add(unique)
-    return unique
-
-
-def run_compare_many(adapters: list[Path], cfg: Config, modes, out: Path,
-                     base_override: str | None = None) -> tuple[dict, Path]:
-    """Several adapters side by side on the same examples, each after its base model prompted alone (a base
-    shared by several adapters is evaluated once). Writes the report; returns (report, dir)."""
-    from .evaluate import write_report
-
-    tuned = [_load_classifier(a, cfg, modes[0], base_override) for a in adapters]
-    labels = tuned[0].labels
-    for a, clf in zip(adapters, tuned):
-        if clf.labels != labels:
-            raise LoratuneError(f"adapter {a} was trained on labels {', '.join(clf.labels)} but {adapters[0]} on "
-                                f"{', '.join(labels)}; compare needs one label set")
-    taken: set[str] = set()
-    models, bases, names = [], {}, {}
-    for a, clf in zip(adapters, tuned):
-        meta = clf.metadata
-        base_name = base_override or meta["base_model"]
-        key = (base_name, clf.family, clf.chat_template, clf.task, clf.input_name)
-        if key not in bases:
-            bases[key] = _short_name(meta.get("base_model_requested", base_name), taken, prefix="base ")
-            models.append((bases[key], _base_of(clf, cfg, modes[0], base_override)))
-        names[_short_name(str(a), taken)] = str(a)
-        models.append((list(names)[-1], clf))
-    if len({clf.multi_label for clf in tuned}) > 1:
-        raise LoratuneError("compare needs adapters of one kind: all single-label or all multi-label")
-    path, examples = _eval_examples(cfg, labels, tuned[0].multi_label)
-    report = _run_eval(models, examples, modes, path, labels)
-    report["adapters"] = names
-    report["base_models"] = sorted({key[0] for key in bases})
-    write_report(report, out)
-    return report, out
+        _print_summary(report, out_dir)
 
 
 @app.command()
@@ -430,7 +383,7 @@ def calibrate(
     from .data import load_eval_examples
     from .evaluate import calibrate as run_calibrate
     from .evaluate import write_threshold
-    from .models import META_FILE
+    from .adapter import META_FILE
 
     if adapter is None:
         raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
@@ -442,11 +395,12 @@ def calibrate(
     _quiet_libraries()
     clf = _load_classifier(adapter, cfg, "score", base_override=model)
     # Without --val: the validation file the adapter was trained with (recorded in its metadata).
-    path = val or clf.metadata.get("config", {}).get("data", {}).get("val")
+    recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
+    path = val or recorded.get("val")
     if not path or path == "none":
         raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
     examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
-    bar = _progress(len(examples), "calibrate")
+    bar = _progress(len(examples), "calibrate", clf.spec.input_name)
     found = run_calibrate(clf, examples, progress=bar.update)
     bar.close()
     meta_path = write_threshold(adapter, found, str(path))
@@ -469,9 +423,15 @@ def demo(
     from .inspect_data import inspect_dataset, render
     from .train import train as run_train
 
+    from .compare import compare as run_compare
+
     out_root = Path(output_dir or "outputs/demo")
-    cfg = _config(config, sets, **{"model.name": model, "train.output_dir": str(out_root / "lora"),
-                                   "train.epochs": epochs, "train.max_steps": max_steps})
+    # The shipped support tickets, asked about in their own words, unless a config says otherwise.
+    defaults = {} if config else {"data.labels": list(DEMO_LABELS), "prompt.task": "You are a support ticket classifier.",
+                                  "prompt.input_name": "customer message"}
+    flags = {"model.name": model, "train.output_dir": str(out_root / "lora"), "train.epochs": epochs,
+             "train.max_steps": max_steps}
+    cfg = load_config(config, {**defaults, **parse_set_options(sets), **{k: v for k, v in flags.items() if v is not None}})
     validate(cfg, training=True)
     _quiet_libraries()
     print("== 1/4 inspect the data")
@@ -481,7 +441,8 @@ def demo(
     if result.interrupted:
         raise typer.Exit(130)
     print("\n== 3/4 compare the base model with base + adapter")
-    report, report_dir = run_compare(result.adapter_dir, cfg, ("score", "generate"), out_root / "report")
+    report_dir = out_root / "report"
+    report = run_compare([result.adapter_dir], cfg, modes=("score", "generate"), out_dir=report_dir, progress=_progress)
     _print_summary(report, report_dir)
     print("\n== 4/4 sample predictions")
     from .predict import Classifier

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from .errors import LoratuneError
-from .prompt import DEFAULT_INPUT_NAME, DEFAULT_LABELS, DEFAULT_TASK
 
 DEFAULT_MODEL = "google/flan-t5-small"
 FAMILIES = ("auto", "seq2seq", "causal", "encoder")
@@ -45,23 +44,30 @@ class DataConfig:
     test: str | None = "data/raw/test.jsonl"
     text_field: str = "text"
     label_field: str = "label"
-    labels: list[str] | None = field(default_factory=lambda: list(DEFAULT_LABELS))
+    id_field: str | None = None
+    """Field/column with an example id that ``predict`` passes through; empty: ``id`` when the input has one."""
+    labels: list[str] | None = None
     """The label set, in prompt order. Empty: taken from the training data (sorted)."""
     val_fraction: float = 0.1
-    multi_label: bool = False
+    multi_label: bool | None = None
+    """Examples may carry several labels. Empty: detected from the training data."""
     label_delimiter: str = ","
     """Separates labels inside one CSV cell when ``multi_label`` is on."""
-    max_length: int = 384
-    """Prompt tokens kept per example; longer prompts are truncated (and counted)."""
+    max_length: int | None = None
+    """Most tokens a model reads per example. Empty: the model's own limit (its position table; 512 without
+    one). Only the input text is ever cut (its middle, counted); instruction, labels and answer cue never are."""
     max_target_length: int = 32
+    input_only: bool | None = None
+    """The model reads the input text alone, without the instruction prompt. Empty: yes for encoders (their
+    classification head carries the labels), no for language models."""
 
 
 @dataclass
 class PromptConfig:
-    task: str = DEFAULT_TASK
+    task: str = "You are a text classifier."
     """First sentence of the instruction prompt."""
-    input_name: str = DEFAULT_INPUT_NAME
-    """What one input is called in the prompt ("customer message")."""
+    input_name: str = "text"
+    """What one input is called in the prompt (e.g. "customer message"); also names the unit of speed figures."""
     chat_template: str = "auto"
     """Causal LMs: wrap the prompt in the tokenizer's chat template. auto (when it has one) | on | off."""
 
@@ -116,6 +122,10 @@ class PredictConfig:
     threshold (``loratune calibrate``), else 0.5."""
     allow_empty: bool = False
     """Multi-label score mode: allow no label at all (by default the most probable label is always returned)."""
+    min_confidence: float | None = None
+    """Single-label: predictions whose top probability is below this become ``fallback_label`` (abstain)."""
+    fallback_label: str | None = None
+    """The label an abstained prediction gets (e.g. ``oos``); needed by ``min_confidence``."""
 
 
 @dataclass
@@ -254,7 +264,7 @@ def validate(cfg: Config, *, training: bool = False) -> None:
             problems.append("data.labels needs at least two labels")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         problems.append(f"data.val_fraction must be between 0 and 1 (got {cfg.data.val_fraction})")
-    if cfg.data.max_length < 8:
+    if cfg.data.max_length is not None and cfg.data.max_length < 8:
         problems.append(f"data.max_length must be at least 8 (got {cfg.data.max_length})")
     if cfg.data.max_target_length < 2:
         problems.append(f"data.max_target_length must be at least 2 (got {cfg.data.max_target_length})")
@@ -278,6 +288,10 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"serve.max_batch must be >= 1 (got {cfg.serve.max_batch})")
     if not 0 <= cfg.serve.max_wait_ms <= 1000:
         problems.append(f"serve.max_wait_ms must be in 0..1000 (got {cfg.serve.max_wait_ms})")
+    if cfg.predict.min_confidence is not None and not 0.0 <= cfg.predict.min_confidence <= 1.0:
+        problems.append(f"predict.min_confidence must be in [0, 1] (got {cfg.predict.min_confidence})")
+    if cfg.predict.min_confidence is not None and not cfg.predict.fallback_label:
+        problems.append("predict.min_confidence needs predict.fallback_label (the label an abstained prediction gets)")
     if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
         problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
     if training:

@@ -181,6 +181,22 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def read_ids(path: str | Path, id_field: str | None = None) -> list | None:
+    """The id of each row of a JSONL/CSV file, for ``predict`` to pass through: ``id_field``, else ``id`` when
+    every row has one; None when there is none (plain text files have no ids)."""
+    path = Path(path)
+    if path.suffix.lower() not in JSONL_SUFFIXES + CSV_SUFFIXES:
+        if id_field:
+            raise DataError(f"{path}: --id-field {id_field!r} needs a .jsonl or .csv file")
+        return None
+    ids = []
+    for where, _, record in _records(path):
+        if id_field and id_field not in record:
+            raise DataError(f"{where}: no field {id_field!r} (from --id-field)")
+        ids.append(record.get(id_field or "id"))
+    return ids if id_field or all(x is not None for x in ids) else None
+
+
 def example_labels(example: Example) -> tuple[str, ...]:
     return (example.label,) if isinstance(example.label, str) else example.label
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import replace_dir, temp_dir_beside, write_text
+from .atomic import replace_dir, temp_dir_beside
 from .data import Example, example_labels
 from .errors import LoratuneError
-from .models import META_FILE
+from .adapter import AdapterMeta
 from .predict import DEFAULT_THRESHOLD, INVALID, Classifier, Prediction, decide_labels
 
 
@@ -120,13 +120,14 @@ def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | No
             n_invalid=sum(p.label == INVALID for p in predictions),
             n_unknown=sum(len(p.unknown or ()) for p in predictions))
         if mode == "score":
-            metrics.update(threshold=classifier.threshold, allow_empty=classifier.allow_empty)
+            metrics.update(threshold=classifier.threshold, allow_empty=classifier.settings.allow_empty)
     else:
         metrics = compute_metrics([e.label for e in examples], [p.label for p in predictions], classifier.labels)
     metrics.update({
         "seconds": seconds,
-        "ms_per_ticket": 1000 * seconds / max(len(texts), 1),
-        "tickets_per_s": len(texts) / seconds if seconds > 0 else float("inf"),
+        "ms_per_example": 1000 * seconds / max(len(texts), 1),
+        "examples_per_s": len(texts) / seconds if seconds > 0 else float("inf"),
+        "cut_texts": sum(p.cut > 0 for p in predictions),
         "batch_size": classifier.batch_size,
         "device": str(classifier.device),
     })
@@ -174,12 +175,12 @@ def report_markdown(report: dict) -> str:
     if report.get("multi_label"):
         return multilabel_report_markdown(report)
     lines = [f"# loratune report: {report['dataset']} ({report['n']} examples)", "",
-             "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | ms/ticket | tickets/s |",
+             "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | ms/example | examples/s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
-                     f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {r['ms_per_ticket']:.1f} | "
-                     f"{r['tickets_per_s']:.1f} |")
+                     f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {r['ms_per_example']:.1f} | "
+                     f"{r['examples_per_s']:.1f} |")
     lines += ["", "Accuracy counts end-to-end predictions only; `invalid` is generated text that matches no label.", ""]
     for r in report["results"]:
         lines += [f"## {r['model']} ({r['mode']})", "", "| label | precision | recall | F1 | support |",
@@ -200,13 +201,13 @@ def report_markdown(report: dict) -> str:
 def multilabel_report_markdown(report: dict) -> str:
     lines = [f"# loratune report: {report['dataset']} ({report['n']} examples, multi-label)", "",
              "| model | mode | micro-F1 | macro-F1 | subset accuracy | Hamming loss | labels/example | invalid | "
-             "unknown labels | ms/ticket | tickets/s |",
+             "unknown labels | ms/example | examples/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         per = r["labels_per_example"]
         lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])} | "
                      f"{_fmt(r['subset_accuracy'])} | {r['hamming_loss']:.3f} | {per['pred']:.2f} (gold {per['gold']:.2f}) | "
-                     f"{_fmt(r['invalid_rate'])} | {r['unknown_labels']} | {r['ms_per_ticket']:.1f} | {r['tickets_per_s']:.1f} |")
+                     f"{_fmt(r['invalid_rate'])} | {r['unknown_labels']} | {r['ms_per_example']:.1f} | {r['examples_per_s']:.1f} |")
     lines += ["", "End-to-end predictions only. Subset accuracy: the whole label set right. Hamming loss: share of "
               "wrong yes/no label decisions. `invalid`: generated text with no known label; `unknown labels`: "
               "pieces of generated lists that matched no label (dropped).", ""]
@@ -348,20 +349,18 @@ def calibrate(classifier: Classifier, examples: Sequence[Example], progress=None
     """Tune a multi-label classifier's threshold on labelled (validation) examples; returns what was found."""
     if not classifier.multi_label:
         raise LoratuneError(f"calibrate tunes the multi-label decision threshold; {classifier.name} is single-label")
-    probs = classifier.predict_proba_prompts([classifier.format(e.text) for e in examples], progress=progress)
+    probs = classifier.predict_proba([e.text for e in examples], progress=progress)
     gold = np.array([[label in example_labels(e) for label in classifier.labels] for e in examples])
-    threshold, best = calibrate_threshold(probs, gold, classifier.allow_empty)
-    return {"threshold": threshold, "micro_f1": best, "allow_empty": classifier.allow_empty, "n": len(examples),
-            "micro_f1_at_default": micro_f1(gold, decide_labels(probs, DEFAULT_THRESHOLD, classifier.allow_empty)),
+    allow_empty = classifier.settings.allow_empty
+    threshold, best = calibrate_threshold(probs, gold, allow_empty)
+    return {"threshold": threshold, "micro_f1": best, "allow_empty": allow_empty, "n": len(examples),
+            "micro_f1_at_default": micro_f1(gold, decide_labels(probs, DEFAULT_THRESHOLD, allow_empty)),
             "previous_threshold": classifier.threshold}
 
 
 def write_threshold(adapter_dir: str | Path, calibration: dict, dataset: str) -> Path:
     """Record a calibrated threshold in the adapter's ``loratune.json`` (rewritten atomically); returns its path."""
-    path = Path(adapter_dir) / META_FILE
-    meta = json.loads(path.read_text(encoding="utf-8"))
-    meta["threshold"] = calibration["threshold"]
-    meta["calibration"] = {**calibration, "data": dataset,
-                           "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_text(path, json.dumps(meta, indent=2, default=str))
-    return path
+    meta = AdapterMeta.read(adapter_dir)
+    meta.threshold = calibration["threshold"]
+    meta.calibration = {**calibration, "data": dataset, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return meta.write(adapter_dir)

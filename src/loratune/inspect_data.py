@@ -7,7 +7,6 @@ import numpy as np
 from .config import Config
 from .data import imbalance_warning, label_counts, load_splits
 from .errors import LoratuneError
-from .prompt import format_example, format_target
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -34,41 +33,57 @@ def inspect_dataset(cfg: Config, n_examples: int = 3) -> dict:
     if imbalance and imbalance not in report["warnings"]:
         report["warnings"].append(imbalance)
 
-    def prompt(e):
-        return format_example(e.text, splits.labels, cfg.prompt.task, cfg.prompt.input_name, splits.multi_label)
-
     examples = splits.train + splits.val
-    prompts = [prompt(e) for e in examples]
-    targets = [format_target(e.label, splits.labels) for e in examples]
-    report["examples"] = [{"prompt": p, "target": t} for p, t in zip(prompts[:n_examples], targets[:n_examples])]
-    report["model"] = cfg.model.name
+    report["model"], report["examples"] = cfg.model.name, []
     try:
-        from .models import load_config as load_model_config
-        from .models import resolve_model_name
-
-        name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
-        load_model_config(name, cfg.model.revision, cfg.model.trust_remote_code)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision)
+        family, add_special = _reader(cfg, splits)
     except (LoratuneError, OSError, ValueError) as exc:
         # Counts need no model; token lengths do. Say so plainly rather than fail the whole report.
         report["tokens"] = None
         report["warnings"].append(f"token lengths skipped: {str(exc).splitlines()[0]}")
         return report
-    from .tokenize import token_lengths
-
-    prompt_lengths = token_lengths(tokenizer, prompts)
-    target_lengths = token_lengths(tokenizer, targets)
+    spec = family.spec
+    targets = [spec.target(e.label) for e in examples]
+    report["examples"] = [{"prompt": spec.render(e.text, family.tokenizer), "target": t}
+                          for e, t in zip(examples[:n_examples], targets)]
+    fixed = spec.fixed_length(family.tokenizer, add_special)
+    try:
+        fed = family.prompt_ids([e.text for e in examples])
+    except LoratuneError as exc:  # the fixed part alone does not fit: the one thing to fix first
+        report["tokens"] = None
+        report["warnings"].append(str(exc))
+        return report
+    target_lengths = [len(x) for x in family.tokenizer(targets)["input_ids"]]
     report["tokens"] = {
-        "prompt": _percentiles(prompt_lengths),
+        "prompt": _percentiles([len(x) for x in fed.ids]),
         "target": _percentiles(target_lengths),
-        "max_length": cfg.data.max_length,
-        "max_target_length": cfg.data.max_target_length,
-        "truncated_prompts": sum(n > cfg.data.max_length for n in prompt_lengths),
-        "truncated_targets": sum(n > cfg.data.max_target_length for n in target_lengths),
+        "max_length": spec.max_length,
+        "max_target_length": spec.max_target_length,
+        "fixed_prompt_tokens": fixed,
+        "input_only": spec.input_only,
+        "truncated_prompts": fed.n_cut,
+        "truncated_targets": sum(n > spec.max_target_length for n in target_lengths),
     }
     return report
+
+
+def _reader(cfg: Config, splits):
+    """The family (without weights) and prompt spec that training would use, to measure exactly what it feeds."""
+    from transformers import AutoTokenizer
+
+    from .families import detect_family, family_class
+    from .models import load_config, resolve_max_length, resolve_model_name
+
+    name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
+    config, local_only = load_config(name, cfg.model.revision, cfg.model.trust_remote_code)
+    family_cls = family_class(detect_family(config, cfg.model.family))
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, local_files_only=local_only)
+    spec = family_cls.make_spec(
+        tokenizer, splits.labels, chat_template=cfg.prompt.chat_template, input_only=cfg.data.input_only,
+        task=cfg.prompt.task, input_name=cfg.prompt.input_name, multi_label=splits.multi_label,
+        max_length=resolve_max_length(cfg.data.max_length, config), max_target_length=cfg.data.max_target_length)
+    family = family_cls(None, tokenizer, spec)
+    return family, not spec.chat_template
 
 
 def render(report: dict) -> None:
@@ -85,11 +100,17 @@ def render(report: dict) -> None:
     tokens = report.get("tokens")
     if tokens:
         t = Table("tokens (" + report["model"] + ")", *[k for k in tokens["prompt"]], "limit", "truncated")
-        t.add_row("prompt", *map(str, tokens["prompt"].values()), str(tokens["max_length"]),
+        t.add_row("prompt as fed", *map(str, tokens["prompt"].values()), str(tokens["max_length"]),
                   str(tokens["truncated_prompts"]))
         t.add_row("target", *map(str, tokens["target"].values()), str(tokens["max_target_length"]),
                   str(tokens["truncated_targets"]))
         console.print(t)
+        console.print(f"every prompt carries {tokens['fixed_prompt_tokens']} fixed tokens (instruction, labels, cue)"
+                      if not tokens["input_only"] else "the model reads the text alone (its head carries the labels)",
+                      highlight=False)
+        if tokens["truncated_prompts"]:
+            console.print(f"{tokens['truncated_prompts']} texts are cut in the middle to fit; nothing else is cut",
+                          highlight=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     for i, ex in enumerate(report["examples"], 1):

@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import Config
+from .config import Config, PredictConfig
 from .errors import LoratuneError
-from .models import check_shared_base, load_adapters, read_metadata
+from .adapter import AdapterMeta, check_shared_base, load_adapters
 from .predict import INVALID, Classifier, Prediction, inference_dtype, pick_device
 
 log = logging.getLogger("loratune.serve")
@@ -71,7 +71,7 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 def check_adapters(adapters: Mapping[str, Path], base_model: str | None = None) -> dict[str, dict]:
     """Read every adapter's metadata and check they can be served together, without loading any weights."""
-    metas = {name: read_metadata(path) for name, path in adapters.items()}
+    metas = {name: AdapterMeta.read(path) for name, path in adapters.items()}
     check_shared_base(metas, base_model)
     return metas
 
@@ -95,19 +95,26 @@ class ModelPool:
         return self.classifiers[name].predict(texts, mode=mode, progress=progress)
 
 
-def load_pool(adapters: Mapping[str, Path], *, base_model: str | None = None, device: str | None = None,
-              batch_size: int = 32, max_new_tokens: int = 32, merge: bool = True) -> ModelPool:
-    """Load the adapters over one base model. A single adapter is merged into the base (same scores, faster)."""
+def load_pool(adapters: Mapping[str, Path], settings: PredictConfig | None = None, *, base_model: str | None = None,
+              device: str | None = None, **overrides) -> ModelPool:
+    """Load the adapters over one base model with the ``predict`` settings (``overrides`` replace single fields).
+    A single adapter is merged into the base (same scores, faster)."""
+    import dataclasses
+
+    from .families import family_class
+    from .predict import classifier_from_config
+
     check_adapters(adapters, base_model)
-    kwargs = {"batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    settings = dataclasses.replace(settings or PredictConfig(), **overrides)
     if len(adapters) == 1:
         (name, path), = adapters.items()
-        return ModelPool({name: Classifier.from_pretrained(path, base_model=base_model, device=device,
-                                                           merge=merge, **kwargs)})
+        cfg = Config(predict=settings)
+        return ModelPool({name: classifier_from_config(cfg, path, base_override=base_model, device=device)})
     dev = pick_device(device)
     model, loaded = load_adapters(adapters, base_model=base_model, dtype=inference_dtype(dev))
     model.to(dev).eval()
-    classifiers = {name: Classifier.for_adapter(model, tokenizer, meta, name=str(adapters[name]), **kwargs)
+    classifiers = {name: Classifier(family_class(meta.family)(model, tokenizer, meta.spec), settings, meta=meta,
+                                    name=str(adapters[name]))
                    for name, (tokenizer, meta) in loaded.items()}
     return ModelPool(classifiers, peft_model=model)
 
@@ -601,7 +608,7 @@ def create_app(load: Callable[[], ModelPool], *, api_key: str | None = None, max
         pool, _ = ready()
         return ModelsResponse(models=[
             ModelInfo(name=name, labels=c.labels, multi_label=c.multi_label,
-                      base_model=c.metadata.get("base_model_requested") or c.metadata.get("base_model", ""),
+                      base_model=c.meta.base_model_requested or c.meta.base_model,
                       default=name == pool.default)
             for name, c in pool.classifiers.items()])
 
@@ -686,8 +693,7 @@ def run(adapters: Mapping[str, Path], cfg: Config, *, base_model: str | None = N
     log.propagate = False
 
     def load() -> ModelPool:
-        return load_pool(adapters, base_model=base_model, batch_size=cfg.predict.batch_size,
-                         max_new_tokens=cfg.predict.max_new_tokens, merge=cfg.predict.merge)
+        return load_pool(adapters, cfg.predict, base_model=base_model)
 
     def stop(_exc: BaseException) -> None:
         server.should_exit = True

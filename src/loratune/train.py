@@ -22,44 +22,36 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import platform
 import shutil
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_callback import ExportableState, PrinterCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
 
+from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
+from .callbacks import BestAdapter, DivergenceGuard, InterruptToCheckpoint, ProgressBar, TrainingDiverged
 from .config import Config, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
-from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
-from .predict import (
-    MAX_SCORED_LABELS,
-    MULTI_LABEL_SEQ2SEQ_ONLY,
-    decide_labels,
-    label_logprobs,
-    pick_device,
-    seq2seq_label_marginals,
-)
-from .prompt import format_example, format_target
-from .tokenize import collator_for_family, encode_for_family, render_causal_prompt, resolve_chat_template
+from .families import family_class
+from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
+from .models import attach_lora, count_parameters, load_base, resolve_max_length, resolve_model_name
+from .predict import Classifier, decide_labels, pick_device
+from .prompt import MAX_SCORED_LABELS, PromptSpec
+
+__all__ = ["TrainResult", "TrainingDiverged", "train"]
 
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
-
-
-class TrainingDiverged(LoratuneError):
-    """Loss became NaN/inf: the weights are garbage and nothing is saved."""
 
 
 @dataclass
@@ -89,20 +81,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     say = echo if rank0 else (lambda *a, **k: None)
 
     # 1. Model: base weights frozen, LoRA on the attention projections (encoders: plus a new, fully trained
-    #    classification head).
+    #    classification head). The family decides how the model reads the prompt spec.
     model_name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
     base = load_base(model_name, revision=cfg.model.revision, family=cfg.model.family,
                      trust_remote_code=cfg.model.trust_remote_code, labels=splits.labels)
-    if base.family != "seq2seq" and splits.multi_label:
+    family_cls = family_class(base.family)
+    if splits.multi_label and not family_cls.supports_multi_label:
         raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
-    tokenizer = base.tokenizer
-    chat_template = base.family == "causal" and resolve_chat_template(tokenizer, cfg.prompt.chat_template)
+    spec = _prompt_spec(cfg, splits, family_cls, base)
     model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                         cfg.lora.target_modules)
     if cfg.train.gradient_checkpointing:
         # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
         # and backward fails with "element 0 of tensors does not require grad".
         model.enable_input_require_grads()
+    family = family_cls(model, base.tokenizer, spec)
     trainable, total = count_parameters(model)
     targets = sorted(model.peft_config["default"].target_modules)
     saved_modules = _saved_modules(model)
@@ -111,48 +104,41 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     say(f"device: {device.type}  precision: {precision}  world size: {os.environ.get('WORLD_SIZE', '1')}")
     say(f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}"
         + (f"  trained in full: {', '.join(saved_modules)}" if saved_modules else "")
-        + ("  chat template: on" if chat_template else ""))
+        + ("  chat template: on" if spec.chat_template else "") + ("  input: text alone" if spec.input_only else ""))
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
-    # 2. Data: canonical prompts, tokenized once; padding happens per batch in the collator.
-    def encode(examples):
-        prompts = [format_example(e.text, splits.labels, cfg.prompt.task, cfg.prompt.input_name,
-                                  splits.multi_label) for e in examples]
-        targets_ = [format_target(e.label, splits.labels) for e in examples]
-        return prompts, encode_for_family(base.family, tokenizer, prompts, targets_, labels=splits.labels,
-                                          max_length=cfg.data.max_length, max_target_length=cfg.data.max_target_length,
-                                          chat_template=chat_template)
-
-    _, train_enc = encode(splits.train)
-    val_prompts, val_enc = encode(splits.val)
+    # 2. Data: prompts from the spec, tokenized once; padding happens per batch in the collator.
+    train_enc = family.encode([e.text for e in splits.train], [spec.target(e.label) for e in splits.train])
+    val_enc = family.encode([e.text for e in splits.val], [spec.target(e.label) for e in splits.val])
     if splits.multi_label:
         val_gold = torch.tensor([[label in example_labels(e) for label in splits.labels] for e in splits.val])
     else:
-        val_gold = [splits.labels.index(e.label) for e in splits.val]
+        val_gold = np.array([splits.labels.index(e.label) for e in splits.val])
     say(f"data: {len(splits.train)} train / {len(splits.val)} val examples, {len(splits.labels)} labels"
-        + (" (val split from train)" if splits.val_is_split else "") + (", multi-label" if splits.multi_label else ""))
+        + (" (val split from train)" if splits.val_is_split else "") + (", multi-label" if splits.multi_label else "")
+        + f"; max_length {spec.max_length} tokens")
     if train_enc.n_truncated or val_enc.n_truncated:
-        say(f"warning: {train_enc.n_truncated + val_enc.n_truncated} prompts longer than "
-            f"data.max_length={cfg.data.max_length} were truncated")
+        say(f"note: {train_enc.n_truncated} train / {val_enc.n_truncated} val texts were longer than "
+            f"max_length={spec.max_length} and had their middle cut (instruction and labels are never cut)")
     for warning in splits.warnings:
         say(f"warning: {warning}")
 
-    # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume.
+    # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume. Validation runs
+    #    the prediction code itself (a Classifier over the model being trained), never teacher-forced tokens.
     args = _training_args(cfg, ckpt_dir, precision, device)
     best = BestAdapter(str(ckpt_dir / BEST), _selection_metric(cfg))
     stop = InterruptToCheckpoint()
     callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    validator = Classifier(family, cfg.predict, mode="score", name="validation")
     trainer = ClassifierTrainer(
         model=model, args=args, train_dataset=train_enc.features, eval_dataset=val_enc.features,
-        data_collator=collator_for_family(base.family, tokenizer, pad_to_multiple_of=8 if device.type == "cuda" else None),
-        processing_class=tokenizer, callbacks=callbacks,
+        data_collator=family.collator(pad_to_multiple_of=8 if device.type == "cuda" else None),
+        processing_class=base.tokenizer, callbacks=callbacks,
+        validation=(validator, [e.text for e in splits.val], val_gold),
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
-    trainer.accuracy_inputs = (val_prompts, splits.labels, val_gold, cfg.data.max_length, cfg.predict.batch_size)
-    trainer.multi_label = splits.multi_label
-    trainer.family, trainer.chat_template = base.family, chat_template
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
     with stop.installed():
@@ -173,20 +159,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "trainable_params": trainable, "total_params": total, "truncated_prompts": train_enc.n_truncated,
+        "truncated_val_prompts": val_enc.n_truncated,
         "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
     final = out / FINAL
     if rank0:
-        meta = _metadata(cfg, splits, base, model_name, targets, metrics)
-        meta["prompt"]["chat_template"] = chat_template
-        if base.family == "causal":
-            meta["prompt"]["model_input_example"] = render_causal_prompt(tokenizer, meta["prompt"]["template_example"],
-                                                                         chat_template)
-        meta["lora_modules_to_save"] = saved_modules
-        _write_final(ckpt_dir / BEST, final, meta, tokenizer)
+        meta = _metadata(cfg, splits, base, model_name, spec, targets, saved_modules, metrics)
+        _write_final(ckpt_dir / BEST, final, meta, base.tokenizer)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
     say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
-        f"{metrics['train_samples_per_second'] or 0:.1f} samples/s; adapter: {final}")
+        f"{metrics['train_samples_per_second'] or 0:.1f} examples/s; adapter: {final}")
     return TrainResult(final, metrics)
 
 
@@ -260,184 +242,50 @@ def _selection_metric(cfg: Config) -> str:
 
 
 class ClassifierTrainer(Trainer):
-    """HF Trainer whose evaluation adds end-to-end label accuracy (score mode, never teacher-forced tokens).
+    """HF Trainer whose evaluation adds end-to-end label accuracy through ``validation``'s Classifier (score mode).
 
     Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.
+    Each rank scores its shard of the validation texts; the counts are summed across ranks.
     """
 
-    accuracy_inputs: tuple = ()
-    multi_label: bool = False
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, validation: tuple[Classifier, list[str], object], **kwargs):
         super().__init__(*args, **kwargs)
+        self.validator, self.val_texts, self.val_gold = validation
         # T5 averages its own loss and ignores num_items_in_batch. If the Trainer believes the model uses it, it
         # multiplies the loss by the world size under DDP, which doubles logged losses and gradients on 2 ranks.
         # Per-rank mean losses averaged by DDP are what we want for every family.
         self.model_accepts_loss_kwargs = False
-    family: str = "seq2seq"
-    chat_template: bool = False
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if self.multi_label:
-            output.metrics.update({f"{prefix}_{k}": v for k, v in self._multi_label_scores().items()})
+        rank, world = self.args.process_index, self.args.world_size
+        texts, gold = self.val_texts[rank::world], self.val_gold[rank::world]
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            if self.validator.multi_label:
+                pred = torch.from_numpy(decide_labels(self.validator.predict_proba(texts)))
+                # True positives, false positives, false negatives, exact sets, examples.
+                counts = [float((pred & gold).sum()), float((pred & ~gold).sum()), float((~pred & gold).sum()),
+                          float((pred == gold).all(1).sum()), float(len(gold))]
+            else:
+                counts = [float((self.validator.score(texts).argmax(1) == gold).sum()), float(len(gold))]
+        finally:
+            model.train(was_training)
+        total = torch.tensor(counts, dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            total = total.to(self.args.device)
+            dist.all_reduce(total)
+        values = total.tolist()  # float64: no float32 rounding in the reported metric
+        if self.validator.multi_label:
+            tp, fp, fn, exact, n = values
+            metrics = {"micro_f1": 2 * tp / max(2 * tp + fp + fn, 1.0), "subset_accuracy": exact / n}
         else:
-            output.metrics[f"{prefix}_accuracy"] = self._label_accuracy()
+            metrics = {"accuracy": values[0] / values[1]}
+        output.metrics.update({f"{prefix}_{k}": v for k, v in metrics.items()})
         return output
-
-    def _multi_label_scores(self) -> dict[str, float]:
-        prompts, labels, gold, max_length, batch_size = self.accuracy_inputs
-        rank, world = self.args.process_index, self.args.world_size
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        probs = seq2seq_label_marginals(model, self.processing_class, prompts[rank::world], labels,
-                                        batch_size=batch_size, max_length=max_length)
-        model.train(was_training)
-        pred, gold = torch.from_numpy(decide_labels(probs)), gold[rank::world]
-        # True positives, false positives, false negatives, exact sets, examples: summed across ranks.
-        counts = torch.tensor([float((pred & gold).sum()), float((pred & ~gold).sum()), float((~pred & gold).sum()),
-                               float((pred == gold).all(1).sum()), float(len(gold))], dtype=torch.float64)
-        if world > 1 and dist.is_initialized():
-            counts = counts.to(self.args.device)
-            dist.all_reduce(counts)
-        tp, fp, fn, exact, n = counts.tolist()
-        return {"micro_f1": 2 * tp / max(2 * tp + fp + fn, 1.0), "subset_accuracy": exact / n}
-
-    def _label_accuracy(self) -> float:
-        prompts, labels, gold, max_length, batch_size = self.accuracy_inputs
-        # Each rank scores its shard; the counts are summed across ranks.
-        rank, world = self.args.process_index, self.args.world_size
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        scores = label_logprobs(self.family, model, self.processing_class, prompts[rank::world], labels,
-                                batch_size=batch_size, max_length=max_length, chat_template=self.chat_template)
-        model.train(was_training)
-        counts = torch.tensor([float((scores.argmax(1) == gold[rank::world]).sum()), float(len(scores))])
-        if world > 1 and dist.is_initialized():
-            counts = counts.to(self.args.device)
-            dist.all_reduce(counts)
-        return counts[0].item() / counts[1].item()  # float64: no float32 rounding in the reported metric
-
-
-class BestAdapter(TrainerCallback, ExportableState):
-    """Keep the adapter with the best validation ``metric`` (accuracy; multi-label: micro_f1) in ``best/``
-    (atomically); state survives --resume.
-
-    The Trainer re-creates this callback from ``state()["args"]`` on resume, so they must be JSON values.
-    """
-
-    def __init__(self, path: str, metric: str = "accuracy"):
-        self.path = Path(path)
-        self.metric = metric
-        self.value, self.step, self.loss = -1.0, -1, float("nan")
-
-    def state(self) -> dict:
-        return {"args": {"path": str(self.path), "metric": self.metric},
-                "attributes": {"value": self.value, "step": self.step, "loss": self.loss}}
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        value = (metrics or {}).get(f"eval_{self.metric}", float("nan"))
-        if state.global_step == self.step:
-            return
-        if not (value > self.value) and self.step >= 0:
-            return
-        self.value, self.step, self.loss = value, state.global_step, metrics.get("eval_loss", float("nan"))
-        if state.is_world_process_zero:
-            tmp = temp_dir_beside(self.path)
-            model.save_pretrained(tmp)
-            (tmp / "best.json").write_text(json.dumps(self.state()["attributes"]), encoding="utf-8")
-            replace_dir(tmp, self.path)
-
-
-class InterruptToCheckpoint(TrainerCallback):
-    """First Ctrl-C (or SIGTERM) saves a checkpoint at the end of the current step and stops; a second one kills."""
-
-    def __init__(self):
-        self.requested = False
-
-    def installed(self):
-        import contextlib
-
-        @contextlib.contextmanager
-        def handlers():
-            previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-            def handle(signum, frame):
-                if self.requested:
-                    signal.signal(signum, previous[signum])
-                    raise KeyboardInterrupt
-                self.requested = True
-
-            try:
-                for sig in previous:
-                    signal.signal(sig, handle)
-            except ValueError:  # not the main thread: leave signals alone
-                previous = {}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-        return handlers()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class DivergenceGuard(TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            hint = " (T5 overflows in fp16: use --set train.precision=bf16 or fp32)" if args.fp16 else ""
-            raise TrainingDiverged(f"training diverged: loss is {loss} at step {state.global_step}{hint}; "
-                                   f"nothing was saved as final")
-
-
-class ProgressBar(TrainerCallback):
-    """A tqdm bar with the running loss, learning rate and samples/s; evaluation results on their own line."""
-
-    def __init__(self, say):
-        self.say, self.bar, self.start = say, None, 0.0
-        self.samples_per_step = 1
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            from tqdm.auto import tqdm
-
-            self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)
-            self.start, self.first_step = time.perf_counter(), state.global_step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.update(state.global_step - self.bar.n)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.bar is None or not logs or "loss" not in logs:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = (state.global_step - self.first_step) * self.samples_per_step / elapsed
-        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
-                             samples_s=f"{rate:.1f}")
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.bar is not None and metrics:
-            scores = " ".join(f"val_{name} {metrics[f'eval_{name}']:.4f}"
-                              for name in ("accuracy", "micro_f1", "subset_accuracy") if f"eval_{name}" in metrics)
-            # Beside the bar on stderr, so stdout stays clean for --json.
-            self.bar.write(f"step {state.global_step} epoch {state.epoch or 0:.2f}: "
-                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}", file=sys.stderr)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _saved_modules(model) -> list[str]:
@@ -449,38 +297,35 @@ def _saved_modules(model) -> list[str]:
                    if isinstance(module, ModulesToSaveWrapper)})
 
 
-def _metadata(cfg: Config, splits: Splits, base, model_name: str, targets, metrics: dict) -> dict:
+def _prompt_spec(cfg: Config, splits: Splits, family_cls, base) -> PromptSpec:
+    return family_cls.make_spec(
+        base.tokenizer, splits.labels, chat_template=cfg.prompt.chat_template, input_only=cfg.data.input_only,
+        task=cfg.prompt.task, input_name=cfg.prompt.input_name, multi_label=splits.multi_label,
+        max_length=resolve_max_length(cfg.data.max_length, base.model.config),
+        max_target_length=cfg.data.max_target_length,
+        fields={"text_field": cfg.data.text_field, "label_field": cfg.data.label_field, "id_field": cfg.data.id_field})
+
+
+def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules,
+              metrics: dict) -> AdapterMeta:
     import peft
     import transformers
 
     from . import __version__
 
-    return {
-        "format": 1,
-        "base_model": model_name,
-        "base_model_requested": cfg.model.name,
-        "base_revision": cfg.model.revision,
-        "base_config_fingerprint": base.config_fingerprint,
-        "family": base.family,
-        "labels": splits.labels,
-        "multi_label": splits.multi_label,
-        "prompt": {"task": cfg.prompt.task, "input_name": cfg.prompt.input_name,
-                   "template_example": format_example("{text}", splits.labels, cfg.prompt.task,
-                                                      cfg.prompt.input_name, splits.multi_label)},
-        "max_length": cfg.data.max_length,
-        "lora_target_modules": targets,
-        "config": cfg.to_dict(),
-        "metrics": metrics,
-        "data": {"train": fingerprint(cfg.data.train),
-                 "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
-        "versions": {"loratune": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    return AdapterMeta(
+        base_model=model_name, family=base.family, spec=spec, base_model_requested=cfg.model.name,
+        base_revision=cfg.model.revision, base_config_fingerprint=base.config_fingerprint,
+        lora_target_modules=targets, lora_modules_to_save=saved_modules, config=cfg.to_dict(), metrics=metrics,
+        data={"train": fingerprint(cfg.data.train),
+              "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
+        versions={"loratune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "peft": peft.__version__, "python": platform.python_version()},
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
-def _write_final(best_dir: Path, final: Path, meta: dict, tokenizer) -> None:
+def _write_final(best_dir: Path, final: Path, meta: AdapterMeta, tokenizer) -> None:
     tmp = temp_dir_beside(final)
     try:
         for item in best_dir.iterdir():
@@ -488,7 +333,7 @@ def _write_final(best_dir: Path, final: Path, meta: dict, tokenizer) -> None:
                 shutil.copyfile(item, tmp / item.name)  # copyfile: new files get normal permissions
         tokenizer.save_pretrained(tmp)
         # loratune.json is written last: its presence marks a complete adapter.
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        meta.write(tmp)
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

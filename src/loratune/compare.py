@@ -1,0 +1,103 @@
+"""Base model prompted alone vs base + adapter (and a frozen-embedding baseline), on the same examples.
+
+>>> from loratune.compare import compare
+>>> report = compare(["outputs/lora/final"], test="data/raw/test.jsonl")
+>>> [(r["model"], r["mode"], r["accuracy"]) for r in report["results"]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import Config
+from .errors import LoratuneError
+from .evaluate import build_report, evaluate, write_report
+from .families.common import GENERATE_NOT_FOR_ENCODERS
+from .predict import Classifier, classifier_from_config
+
+ProgressFactory = Callable[[int, str], object] | None
+
+
+def eval_examples(cfg: Config, clf: Classifier):
+    """The labelled file to evaluate on (``data.test``, else ``data.val``), read with the classifier's fields."""
+    from .data import load_eval_examples
+
+    path = cfg.data.test or cfg.data.val
+    if not path:
+        raise LoratuneError("no evaluation data: pass --test FILE")
+    return path, load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
+
+
+def run_eval(models: Sequence[tuple[str, Classifier]], examples, modes: Sequence[str], dataset: str,
+             labels: Sequence[str], progress: ProgressFactory = None) -> dict:
+    """Evaluate every (name, classifier) in every mode it supports; one report."""
+    results = []
+    for mode in modes:
+        for name, clf in models:
+            if mode == "generate" and not clf.family.supports_generate:
+                continue  # a classification head has no text to generate; "both" means score only here
+            bar = progress(len(examples), f"{name} {mode}") if progress else None
+            results.append(evaluate(clf, examples, mode=mode, name=name, progress=bar.update if bar else None))
+            if bar:
+                bar.close()
+    if not results:
+        raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
+    return build_report(results, examples, dataset, labels)
+
+
+def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
+    """A table-friendly unique name: the directory name (its parent's for OUTPUT_DIR/final), or the hub id."""
+    path = Path(path_or_id)
+    name = prefix + (path.parent.name if path.name == "final" and path.parent.name else (path.name or path_or_id))
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}-{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: str | None = None,
+            modes: Sequence[str] = ("score", "generate"), out_dir: str | Path | None = None,
+            base_override: str | None = None, progress: ProgressFactory = None) -> dict:
+    """Each adapter after its base model prompted alone (a base shared by several adapters is evaluated once),
+    on the same examples and prompts. Writes report.json / report.md / confusion PNGs when ``out_dir`` is given.
+    """
+    cfg = cfg or Config()
+    if test is not None:
+        cfg.data.test = test
+    if not adapters:
+        raise LoratuneError("compare needs at least one adapter")
+    tuned = [classifier_from_config(cfg, a, base_override=base_override) for a in adapters]
+    labels = tuned[0].labels
+    for a, clf in zip(adapters, tuned):
+        if clf.labels != labels:
+            raise LoratuneError(f"adapter {a} was trained on labels {', '.join(clf.labels[:10])} but {adapters[0]} "
+                                f"on {', '.join(labels[:10])}; compare needs one label set")
+    if len({clf.multi_label for clf in tuned}) > 1:
+        raise LoratuneError("compare needs adapters of one kind: all single-label or all multi-label")
+    taken: set[str] = set()
+    models, bases, names = [], {}, {}
+    single = len(adapters) == 1
+    for a, clf in zip(adapters, tuned):
+        meta = clf.meta
+        base_name = base_override or meta.base_model
+        key = (base_name, meta.family, clf.spec)
+        if key not in bases:
+            bases[key] = "base" if single else _short_name(meta.base_model_requested or base_name, taken, "base ")
+            models.append((bases[key], classifier_from_config(cfg, a, base_override=base_override, base_only=True)))
+        name = "adapter" if single else _short_name(str(a), taken)
+        names[name] = str(a)
+        models.append((name, clf))
+    path, examples = eval_examples(cfg, tuned[0])
+    report = run_eval(models, examples, modes, path, labels, progress)
+    if single:
+        meta = tuned[0].meta
+        report["base_model"] = meta.base_model_requested or base_override or meta.base_model
+        report["adapter"] = str(adapters[0])
+    else:
+        report["adapters"] = names
+        report["base_models"] = sorted({key[0] for key in bases})
+    if out_dir is not None:
+        write_report(report, out_dir)
+    return report

@@ -1,0 +1,142 @@
+"""What every model family shares: the :class:`Family` interface and batching by length.
+
+A family object holds its model, tokenizer and :class:`~loratune.prompt.PromptSpec`, so its methods take texts
+and return arrays: nothing carries the (model, tokenizer, prompts, labels, max_length, ...) pile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import LoratuneError
+from ..prompt import Budgeted, PromptSpec
+
+IGNORE_INDEX = -100
+Progress = Callable[[int], object] | None
+
+
+@dataclass
+class Encoded:
+    """Training features of one split, and what the budget had to cut."""
+
+    features: list[dict]
+    n_truncated: int
+    """Prompts whose input text was cut to fit ``max_length``."""
+    n_target_truncated: int
+    cut: list[int]
+    """Text tokens each prompt lost (0: none)."""
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int, progress: Progress = None) -> Iterator[list[int]]:
+    """Indices in batches of similar length (longest first), so padding costs little; ``progress(n)`` after each."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        yield batch
+        if progress is not None:
+            progress(len(batch))
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask, position_ids) for left-padded sequences; positions count real tokens only,
+    so absolute-position models (GPT-2) see the same positions as without padding."""
+    import torch
+
+    width = max(len(x) for x in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], dtype=torch.long)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def right_pad(tokenizer, seqs: Sequence[Sequence[int]], device):
+    """A right-padded batch (the tokenizer's own padding side and pad id) on ``device``."""
+    return tokenizer.pad({"input_ids": [list(x) for x in seqs]}, return_tensors="pt").to(device)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class Family:
+    """One model family. Subclasses set the class facts and implement the methods below."""
+
+    name: ClassVar[str]
+    peft_task_type: ClassVar[str]
+    supports_generate: ClassVar[bool] = True
+    supports_multi_label: ClassVar[bool] = False
+    reads_text_alone: ClassVar[bool] = False
+    """Default for ``PromptSpec.input_only``: the model needs no instruction (a classification head)."""
+
+    def __init__(self, model, tokenizer, spec: PromptSpec):
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+
+    # -- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def load_model(cls, source: str, config, tokenizer, labels: Sequence[str] | None, **kwargs):
+        """The base model from ``source`` (``kwargs`` go to ``from_pretrained``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_tokenizer(cls, tokenizer, model) -> None:
+        """Make the tokenizer fit this family's batching (padding side, pad token)."""
+
+    @classmethod
+    def make_spec(cls, tokenizer, labels: Sequence[str], *, chat_template: str = "auto", input_only: bool | None = None,
+                  **prompt) -> PromptSpec:
+        """The prompt spec this family reads (``prompt``: task, input_name, multi_label, max_length, ...)."""
+        return PromptSpec(tuple(labels), input_only=cls.reads_text_alone if input_only is None else input_only, **prompt)
+
+    @classmethod
+    def answer_cue(cls, chat_template: bool) -> str:
+        """What follows the prompt so the model knows its answer starts (causal LMs without a chat template)."""
+        return ""
+
+    def check(self, mode: str) -> None:
+        """Raise LoratuneError if this family cannot run ``mode`` with its spec."""
+        if self.spec.multi_label and not self.supports_multi_label:
+            raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
+        if mode == "generate" and not self.supports_generate:
+            raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
+
+    # -- the interface -------------------------------------------------------------------------------------
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, texts: Sequence[str]) -> Budgeted:
+        """Token ids of each text's rendered prompt, within the budget."""
+        return self.spec.encode(self.tokenizer, texts)
+
+    def encode(self, texts: Sequence[str], targets: Sequence[str] | None = None) -> Encoded:
+        """Training (or validation) features for ``texts`` and their target strings."""
+        raise NotImplementedError
+
+    def collator(self, pad_to_multiple_of: int | None = None):
+        """Pads a list of features from :meth:`encode` into a batch."""
+        raise NotImplementedError
+
+    def label_logprobs(self, texts: Sequence[str], batch_size: int = 32, progress: Progress = None) -> np.ndarray:
+        """Score every label for every text: an (N, L) array of log-probabilities, columns in label order."""
+        raise NotImplementedError
+
+    def label_marginals(self, texts: Sequence[str], batch_size: int = 32, progress: Progress = None) -> np.ndarray:
+        """Multi-label: P(label is in the answer), an (N, L) array."""
+        raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
+
+    def generate(self, texts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32,
+                 progress: Progress = None) -> list[str]:
+        """Greedy decoding: the model's raw answer for each text."""
+        raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
+
+
+GENERATE_NOT_FOR_ENCODERS = ("generate mode is not applicable to encoder models (they have a classification head, "
+                             "not a text decoder); use --mode score")
+MULTI_LABEL_SEQ2SEQ_ONLY = ("multi-label classification is implemented for seq2seq (encoder-decoder) models only; "
+                            "use a seq2seq base model such as flan-t5, or single-label data")
