@@ -23,7 +23,7 @@ def test_metrics_agree_with_scikit_learn_and_count_invalid():
 def test_evaluate_and_report_files(trained, small_data, tmp_path):
     examples = read_examples(small_data["test"])
     tuned = Classifier.from_pretrained(trained.adapter_dir)
-    base = Classifier.from_pretrained(tuned.metadata["base_model"], labels=tuned.labels)
+    base = Classifier.from_pretrained(tuned.meta.base_model, labels=tuned.labels)
     results = [evaluate(clf, examples, mode=mode, name=name)
                for mode in ("score", "generate") for name, clf in (("base", base), ("adapter", tuned))]
     report = build_report(results, examples, str(small_data["test"]), tuned.labels)
@@ -45,7 +45,7 @@ def test_evaluate_and_report_files(trained, small_data, tmp_path):
             assert r["per_label"][label]["support"] == s[i]
         cm = confusion_matrix(gold, pred, labels=tuned.labels + [INVALID])[: len(tuned.labels)]
         assert r["confusion_matrix"]["values"] == cm.tolist()
-        assert r["tickets_per_s"] > 0 and r["ms_per_ticket"] > 0
+        assert r["examples_per_s"] > 0 and r["ms_per_example"] > 0
         png = out / r["confusion_png"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The random base model echoes instead of answering: all invalid in generate mode.

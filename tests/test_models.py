@@ -6,7 +6,9 @@ import pytest
 
 from loratune.errors import LoratuneError
 from loratune.fixtures import FLAN_T5_SMALL, build_tiny_t5, t5_config
-from loratune.models import attach_lora, count_parameters, detect_family, load_adapter, load_base, load_config
+from loratune.adapter import load_adapter
+from loratune.families import detect_family
+from loratune.models import attach_lora, count_parameters, load_base, load_config
 
 
 def test_hub_id_fails_fast_offline_with_one_clear_sentence(monkeypatch):
@@ -25,7 +27,7 @@ def test_unreachable_hub_fails_fast_without_offline_flag(run_cli):
     # A closed loopback port stands in for "no route to the hub"; the client's own retries take ~30 s.
     env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": "/nonexistent-hf-home"}
     start = time.perf_counter()
-    result = run_cli("predict", "hello", "--model", "google/flan-t5-small", env=env)
+    result = run_cli("predict", "hello", "--model", "google/flan-t5-small", "--labels", "a,b", env=env)
     elapsed = time.perf_counter() - start
     assert result.returncode == 2, result.stderr
     assert "cannot be reached" in result.stderr and "--model" in result.stderr

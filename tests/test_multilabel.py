@@ -16,7 +16,9 @@ from sklearn.preprocessing import MultiLabelBinarizer
 from loratune.config import DataConfig
 from loratune.data import DataError, load_splits, normalize_label, read_examples
 from loratune.evaluate import calibrate_threshold, compute_multilabel_metrics
+from loratune.families import Seq2SeqFamily
 from loratune.predict import INVALID, Classifier, decide_labels, label_sets
+from loratune.prompt import PromptSpec
 from loratune.prompt import format_example, format_target
 
 ML = ROOT / "data" / "multilabel"
@@ -56,7 +58,7 @@ def test_a_label_containing_the_separator_is_rejected(tmp_path):
 def test_targets_are_what_the_prompt_asks_for_and_parse_back():
     prompt = format_example("x", LABELS, multi_label=True)
     assert "output all of the following labels that apply, comma-separated, in the order listed" in prompt
-    clf = Classifier(None, None, LABELS, multi_label=True)  # parsing needs no model
+    clf = Classifier(Seq2SeqFamily(None, None, PromptSpec(LABELS, multi_label=True)))  # parsing needs no model
     for s in label_sets(len(LABELS)):
         chosen = [LABELS[i] for i in s]
         target = format_target(tuple(reversed(chosen)), LABELS)
@@ -102,7 +104,7 @@ def test_calibrate_and_threshold_errors_are_clear():
     from loratune.evaluate import calibrate
 
     with pytest.raises(LoratuneError, match="is single-label"):
-        calibrate(Classifier(None, None, LABELS, name="adapter-x"), [])
+        calibrate(Classifier(Seq2SeqFamily(None, None, PromptSpec(LABELS)), name="adapter-x"), [])
     cfg = Config()
     cfg.predict.threshold = 1.5
     with pytest.raises(LoratuneError, match=r"predict.threshold must be in \[0, 1\]"):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from loratune.errors import LoratuneError
-from loratune.predict import INVALID, Classifier, seq2seq_label_logprobs
+from loratune.families.seq2seq import seq2seq_label_logprobs
+from loratune.predict import INVALID, Classifier
 
 TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
          "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?"]
@@ -39,22 +40,24 @@ def test_generated_text_maps_case_and_space_insensitively(tuned):
 
 
 def test_random_base_model_generates_no_valid_label(trained, tuned):
-    base = Classifier.from_pretrained(tuned.metadata["base_model"], labels=tuned.labels, mode="generate")
+    base = Classifier.from_pretrained(tuned.meta.base_model, labels=tuned.labels, mode="generate")
     assert all(p.label == INVALID for p in base.predict(TEXTS))
 
 
 def test_formatted_prompt_and_raw_text_give_the_same_prediction(tuned):
     from loratune import format_example
 
-    by_text = tuned.predict_proba(TEXTS)
-    by_prompt = tuned.predict_proba_prompts([format_example(t) for t in TEXTS])
-    np.testing.assert_allclose(by_text, by_prompt, atol=1e-9)
+    from loratune.families.common import softmax
+
+    prompts = [format_example(t, tuned.labels, tuned.spec.task, tuned.spec.input_name) for t in TEXTS]
+    assert [tuned.format(t) for t in TEXTS] == prompts
+    by_prompt = softmax(seq2seq_label_logprobs(tuned.model, tuned.tokenizer, prompts, tuned.labels))
+    np.testing.assert_allclose(tuned.predict_proba(TEXTS), by_prompt, atol=1e-9)
 
 
 def test_merged_and_unmerged_adapters_score_alike(trained, tuned):
     unmerged = Classifier.from_pretrained(trained.adapter_dir, merge=False)
-    np.testing.assert_allclose(tuned.score_prompts([tuned.format(t) for t in TEXTS]),
-                               unmerged.score_prompts([unmerged.format(t) for t in TEXTS]), atol=1e-4)
+    np.testing.assert_allclose(tuned.score(TEXTS), unmerged.score(TEXTS), atol=1e-4)
 
 
 def test_batch_size_and_order_do_not_change_scores(trained, tuned):

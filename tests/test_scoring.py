@@ -9,13 +9,10 @@ import torch
 from conftest import LABELS
 
 from loratune.errors import LoratuneError
-from loratune.predict import (
-    Classifier,
-    label_token_ids,
-    seq2seq_label_logprobs,
-    seq2seq_label_logprobs_reference,
-)
-from loratune.prompt import format_example
+from loratune.families import Seq2SeqFamily
+from loratune.families.seq2seq import label_token_ids, seq2seq_label_logprobs, seq2seq_label_logprobs_reference
+from loratune.predict import Classifier
+from loratune.prompt import PromptSpec, format_example
 from loratune.scoring import T5LabelScorer, _logsumexp, build_label_trie, supports_fast_scoring
 
 TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
@@ -180,7 +177,7 @@ def test_duplicate_label_tokens_are_rejected(base):
 
 def test_classifier_predictions_unchanged(lora_models, base):
     _, tokenizer = base
-    clf = Classifier(lora_models[1], tokenizer, LABELS, batch_size=4)
+    clf = Classifier(Seq2SeqFamily(lora_models[1], tokenizer, PromptSpec(LABELS)), batch_size=4)
     prompts = [clf.format(t) for t in TEXTS]
     ref_probs = np.exp(seq2seq_label_logprobs_reference(clf.model, tokenizer, prompts, LABELS))
     ref_probs /= ref_probs.sum(1, keepdims=True)
