@@ -41,15 +41,15 @@ import numpy as np
 import torch
 
 from loratune.atomic import write_text
-from loratune.fixtures import FLAN_T5_SMALL, t5_config, tokenizer_corpus, train_tokenizer
-from loratune.models import attach_lora, use_fused_gelu
-from loratune.predict import (
+from loratune.families.common import softmax
+from loratune.families.seq2seq import (
     generate_texts,
     label_token_ids,
     seq2seq_label_logprobs,
     seq2seq_label_logprobs_reference,
-    softmax,
 )
+from loratune.fixtures import FLAN_T5_SMALL, t5_config, tokenizer_corpus, train_tokenizer
+from loratune.models import attach_lora, use_fused_gelu
 from loratune.prompt import DEFAULT_LABELS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -327,7 +327,7 @@ class Case:
 
 def encoder_only(model, tokenizer, batch_size: int):
     """Only the encoder, batched like the scorers: the floor any scorer has to pay."""
-    from loratune.predict import _batches_by_length
+    from loratune.families.common import batches_by_length
 
     encoder = model.get_encoder()
     device = next(model.parameters()).device
@@ -335,7 +335,7 @@ def encoder_only(model, tokenizer, batch_size: int):
     def run(prompts):
         encoded = tokenizer(list(prompts), truncation=True, max_length=384)["input_ids"]
         with torch.inference_mode():
-            for batch in _batches_by_length([len(x) for x in encoded], batch_size):
+            for batch in batches_by_length([len(x) for x in encoded], batch_size):
                 inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt").to(device)
                 encoder(**inputs)
 
@@ -444,14 +444,18 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from loratune.config import Config
-    from loratune.tokenize import IGNORE_INDEX, encode_seq2seq, seq2seq_collator
+    from loratune.families import Seq2SeqFamily
+    from loratune.families.common import IGNORE_INDEX
+    from loratune.prompt import PromptSpec
     from loratune.train import _training_args
 
     cfg = Config()
     rng = np.random.default_rng(s.seed + 2)
     texts = [prompts[int(i)] for i in rng.choice(len(prompts), size=s.train_samples, replace=len(prompts) < s.train_samples)]
     targets = [LABELS[int(i)] for i in rng.integers(0, len(LABELS), size=len(texts))]
-    features = encode_seq2seq(tokenizer, texts, targets, cfg.data.max_length, cfg.data.max_target_length).features
+    # The synthetic prompts are already the whole input: the spec passes them through (input_only).
+    family = Seq2SeqFamily(None, tokenizer, PromptSpec(tuple(LABELS), max_length=384, input_only=True))
+    features = family.encode(texts, targets).features
     lora = cfg.lora
     rows = []
     with tempfile.TemporaryDirectory(prefix="loratune-bench-") as tmp:
@@ -466,7 +470,7 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
         model = attach_lora(model, "seq2seq", lora.r, lora.alpha, lora.dropout, lora.target_modules)
         echo(f"  training, loratune defaults: {len(features)} samples, batch {args.per_device_train_batch_size}")
         with PeakMemory(device) as mem:
-            rate = train_rate(model, tokenizer, features, args, seq2seq_collator(tokenizer))
+            rate = train_rate(model, tokenizer, features, args, family.collator())
         row = {"name": "loratune defaults", "batch": args.per_device_train_batch_size, "padding": "dynamic",
                "sampler": args.train_sampling_strategy, "precision": precision, **rate}
         mem.merge_into(row)

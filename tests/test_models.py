@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from loratune.errors import LoratuneError
-from loratune.fixtures import FLAN_T5_SMALL, build_tiny_t5, t5_config
 from loratune.adapter import load_adapter
+from loratune.errors import LoratuneError
 from loratune.families import detect_family
+from loratune.fixtures import FLAN_T5_SMALL, build_tiny_t5, t5_config
 from loratune.models import attach_lora, count_parameters, load_base, load_config
 
 

@@ -18,8 +18,7 @@ from loratune.data import DataError, load_splits, normalize_label, read_examples
 from loratune.evaluate import calibrate_threshold, compute_multilabel_metrics
 from loratune.families import Seq2SeqFamily
 from loratune.predict import INVALID, Classifier, decide_labels, label_sets
-from loratune.prompt import PromptSpec
-from loratune.prompt import format_example, format_target
+from loratune.prompt import PromptSpec, format_example, format_target
 
 ML = ROOT / "data" / "multilabel"
 LABELS = ["billing", "technical", "account", "shipping", "other"]

@@ -46,7 +46,6 @@ def test_random_base_model_generates_no_valid_label(trained, tuned):
 
 def test_formatted_prompt_and_raw_text_give_the_same_prediction(tuned):
     from loratune import format_example
-
     from loratune.families.common import softmax
 
     prompts = [format_example(t, tuned.labels, tuned.spec.task, tuned.spec.input_name) for t in TEXTS]

@@ -15,8 +15,8 @@ from typing import Annotated, Optional
 import typer
 
 from .config import Config, load_config, parse_set_options, validate
-from .prompt import DEFAULT_LABELS as DEMO_LABELS
 from .errors import LoratuneError
+from .prompt import DEFAULT_LABELS as DEMO_LABELS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,7 +40,8 @@ LabelsOpt = Annotated[Optional[str], typer.Option(
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
 InputNameOpt = Annotated[Optional[str], typer.Option(
     "--input-name", help="What one input is called in the prompt and in speed units (default: text).")]
-IdFieldOpt = Annotated[Optional[str], typer.Option("--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
+IdFieldOpt = Annotated[Optional[str], typer.Option(
+    "--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
 MinConfidenceOpt = Annotated[Optional[float], typer.Option(
     "--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain).")]
 FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
@@ -380,10 +381,10 @@ def calibrate(
     allow_empty: AllowEmptyOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
 ):
     """Multi-label: pick the decision threshold that maximises micro-F1 on validation data; save it with the adapter."""
+    from .adapter import META_FILE
     from .data import load_eval_examples
     from .evaluate import calibrate as run_calibrate
     from .evaluate import write_threshold
-    from .adapter import META_FILE
 
     if adapter is None:
         raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
@@ -420,10 +421,9 @@ def demo(
     sets: SetOpt = None,
 ):
     """The main job on the shipped data: inspect -> train -> compare -> sample predictions."""
+    from .compare import compare as run_compare
     from .inspect_data import inspect_dataset, render
     from .train import train as run_train
-
-    from .compare import compare as run_compare
 
     out_root = Path(output_dir or "outputs/demo")
     # The shipped support tickets, asked about in their own words, unless a config says otherwise.

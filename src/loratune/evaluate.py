@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
 from .data import Example, example_labels
 from .errors import LoratuneError
-from .adapter import AdapterMeta
 from .predict import DEFAULT_THRESHOLD, INVALID, Classifier, Prediction, decide_labels
 
 

@@ -33,9 +33,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .adapter import AdapterMeta, check_shared_base, load_adapters
 from .config import Config, PredictConfig
 from .errors import LoratuneError
-from .adapter import AdapterMeta, check_shared_base, load_adapters
 from .predict import INVALID, Classifier, Prediction, inference_dtype, pick_device
 
 log = logging.getLogger("loratune.serve")
