@@ -17,6 +17,16 @@ DATA = ROOT / "data" / "raw"
 LABELS = ["billing", "technical", "account", "shipping", "other"]
 
 
+# Fixtures that train a model or start processes: a test using any of them is an integration test.
+INTEGRATION_FIXTURES = {"trained", "run_cli", "runs", "ml_trained", "ml_clf", "pool", "live", "adapter_a", "adapter_b"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline_env(tmp_path_factory):
     """No hub, and a private cache so tests never touch (or depend on) ~/.cache."""

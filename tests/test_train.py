@@ -14,6 +14,8 @@ from loratune.errors import LoratuneError
 
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "loratune.json"]
 
+pytestmark = pytest.mark.integration  # every test here trains a model
+
 
 def adapter_tensors(path: Path):
     from safetensors.torch import load_file
