@@ -2,7 +2,7 @@ import json
 import os
 
 import pytest
-from conftest import DATA
+from conftest import DATA, LABELS
 
 SUBCOMMANDS = ["inspect", "train", "predict", "evaluate", "compare", "serve", "demo"]
 
@@ -100,7 +100,7 @@ def test_malformed_data_exits_2_with_file_and_line(run_cli, tmp_path, content, m
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
     out = tmp_path / "out"
-    result = run_cli(command, "--train", bad, "--val", "none", "--model", "tiny",
+    result = run_cli(command, "--train", bad, "--val", "none", "--model", "tiny", "--labels", ",".join(LABELS),
                      *(["--output-dir", out] if command == "train" else []))
     assert result.returncode == 2
     assert message in result.stderr

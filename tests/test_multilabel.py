@@ -139,6 +139,7 @@ def ml_trained(cli, tiny_t5, ml_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ml-run")
     # No --multi-label: the list labels in the JSONL must switch it on.
     result = cli("train", "--model", tiny_t5, "--train", ml_data["train"], "--val", ml_data["val"], "--output-dir", out,
+                 "--labels", ",".join(LABELS),
                  "--max-steps", 12, "--batch-size", 8, "--lr", 0.005, "--lora-r", 16, "--set", "train.eval_steps=12",
                  "--json")
     summary = json.loads(result.stdout[result.stdout.index("{"):])

@@ -22,6 +22,7 @@ from .prompt import PromptSpec
 META_FILE = "loratune.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE)
 FORMAT = 2
+OMITTED_WHEN_UNSET = ("base_sha256", "threshold", "min_confidence", "fallback_label", "calibration")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class AdapterMeta:
         out = {"format": FORMAT}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name in OMITTED_WHEN_UNSET:
+                continue
             out["prompt" if f.name == "spec" else f.name] = value.to_dict() if f.name == "spec" else value
         out["labels"], out["multi_label"] = self.labels, self.multi_label  # for readers of the plain JSON
         return out

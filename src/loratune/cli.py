@@ -14,7 +14,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from . import cli_options as opt
 from .config import Config, load_config, parse_set_options, validate
+from .console import print_predictions, print_summary, print_targets, progress
 from .errors import LoratuneError
 from .prompt import DEFAULT_LABELS as DEMO_LABELS
 
@@ -23,42 +25,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Teach a small language model to classify text with LoRA, and measure what it learned.",
 )
-
-# Shared options: one declaration each, so every command spells and documents them the same way.
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
-TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
-ValOpt = Annotated[Optional[str], typer.Option(
-    "--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")]
-TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
-TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
-LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
-LabelsOpt = Annotated[Optional[str], typer.Option(
-    "--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted).")]
-TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
-InputNameOpt = Annotated[Optional[str], typer.Option(
-    "--input-name", help="What one input is called in the prompt and in speed units (default: text).")]
-IdFieldOpt = Annotated[Optional[str], typer.Option(
-    "--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
-MinConfidenceOpt = Annotated[Optional[float], typer.Option(
-    "--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain).")]
-FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
-MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
-AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
-AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", metavar="DIR", help="Adapter directory; repeat to compare.")]
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
-ThresholdOpt = Annotated[Optional[float], typer.Option(
-    "--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5).")]
-AllowEmptyOpt = Annotated[Optional[bool], typer.Option(
-    "--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one).")]
-
 
 def _config(config: Path | None, sets: list[str] | None, **flags) -> Config:
     """Defaults < --config file < --set < explicit flags."""
@@ -84,23 +50,17 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
-
-
-def _progress(total: int, desc: str, unit: str = "example"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    hf_logging.disableprogress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
 
 
 @app.command()
 def inspect(
-    config: ConfigOpt = None, model: ModelOpt = None, family: FamilyOpt = None, train: TrainOpt = None,
-    val: ValOpt = None, text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None,
-    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, seed: SeedOpt = None, task: TaskOpt = None,
-    input_name: InputNameOpt = None,
+    config: opt.ConfigOpt = None, model: opt.ModelOpt = None, family: opt.FamilyOpt = None, train: opt.TrainOpt = None,
+    val: opt.ValOpt = None, text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None,
+    labels: opt.LabelsOpt = None, multi_label: opt.MultiLabelOpt = None, seed: opt.SeedOpt = None, task: opt.TaskOpt = None,
+    input_name: opt.InputNameOpt = None,
     examples: Annotated[int, typer.Option("--examples", "-n", help="Formatted prompt/target pairs to show.")] = 3,
-    json_out: JsonOpt = False, sets: SetOpt = None,
+    json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
 ):
     """Label counts, token lengths of exactly what the model is fed, text cuts and sample prompts."""
     from .inspect_data import inspect_dataset, render
@@ -119,21 +79,21 @@ def inspect(
 
 @app.command("train")
 def train_cmd(
-    config: ConfigOpt = None, model: ModelOpt = None, family: FamilyOpt = None, train: TrainOpt = None,
-    val: ValOpt = None, text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None,
-    labels: LabelsOpt = None, multi_label: MultiLabelOpt = None, output_dir: OutputOpt = None,
+    config: opt.ConfigOpt = None, model: opt.ModelOpt = None, family: opt.FamilyOpt = None, train: opt.TrainOpt = None,
+    val: opt.ValOpt = None, text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None,
+    labels: opt.LabelsOpt = None, multi_label: opt.MultiLabelOpt = None, output_dir: opt.OutputOpt = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
-    batch_size: BatchOpt = None,
+    batch_size: opt.BatchOpt = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
     lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")] = None,
     lora_alpha: Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha (scale = alpha/r).")] = None,
-    seed: SeedOpt = None,
+    seed: opt.SeedOpt = None,
     save_steps: Annotated[Optional[int], typer.Option("--save-steps", help="Checkpoint every N steps.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output-dir.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an unfinished run.")] = False,
-    task: TaskOpt = None, input_name: InputNameOpt = None, id_field: IdFieldOpt = None,
-    json_out: JsonOpt = False, sets: SetOpt = None,
+    task: opt.TaskOpt = None, input_name: opt.InputNameOpt = None, id_field: opt.IdFieldOpt = None,
+    json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
 ):
     """Train a LoRA adapter; the best one (by validation accuracy) goes to OUTPUT_DIR/final."""
     cfg = _config(config, sets, **_data_flags(model, family, train, val, None, text_field, label_field, labels,
@@ -189,14 +149,14 @@ def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list
 def predict(
     text: Annotated[Optional[str], typer.Argument(help="Text to classify ('-' reads lines from stdin).")] = None,
     input_path: Annotated[Optional[Path], typer.Option("--input", help="File of texts: .jsonl/.csv (--text-field) or plain lines.")] = None,
-    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, labels: LabelsOpt = None,
-    text_field: TextFieldOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
+    adapter: opt.AdapterOpt = None, config: opt.ConfigOpt = None, model: opt.ModelOpt = None, labels: opt.LabelsOpt = None,
+    text_field: opt.TextFieldOpt = None, mode: opt.ModeOpt = None, batch_size: opt.BatchOpt = None,
     top_k: Annotated[Optional[int], typer.Option(
         "--top-k", help="Keep the K most likely labels (score mode; default: 3 in the table, all in --json).")] = None,
-    json_out: JsonOpt = False, sets: SetOpt = None, multi_label: MultiLabelOpt = None,
-    threshold: ThresholdOpt = None, allow_empty: AllowEmptyOpt = None, id_field: IdFieldOpt = None,
-    task: TaskOpt = None, input_name: InputNameOpt = None, min_confidence: MinConfidenceOpt = None,
-    fallback_label: FallbackOpt = None,
+    json_out: opt.JsonOpt = False, sets: opt.SetOpt = None, multi_label: opt.MultiLabelOpt = None,
+    threshold: opt.ThresholdOpt = None, allow_empty: opt.AllowEmptyOpt = None, id_field: opt.IdFieldOpt = None,
+    task: opt.TaskOpt = None, input_name: opt.InputNameOpt = None, min_confidence: opt.MinConfidenceOpt = None,
+    fallback_label: opt.FallbackOpt = None,
 ):
     """Classify text with an adapter (or a base model prompted alone, with --labels)."""
     cfg = _config(config, sets, **{"model.name": model, "data.labels": labels, "data.text_field": text_field,
@@ -218,7 +178,7 @@ def predict(
     from .data import read_ids
 
     ids = read_ids(input_path, cfg.data.id_field) if input_path is not None else None
-    bar = _progress(len(texts), "predict", clf.spec.input_name) if len(texts) > clf.batch_size else None
+    bar = progress(len(texts), "predict", clf.spec.input_name) if len(texts) > clf.batch_size else None
     predictions = clf.predict(texts, progress=bar.update if bar else None)
     if bar:
         bar.close()
@@ -233,18 +193,7 @@ def predict(
                 row.update(labels=p.labels, unknown=p.unknown)
             print(json.dumps(row, ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("text", "label", "top scores" if clf.mode == "score" else "raw output")
-    for t, p in zip(texts, predictions):
-        if p.scores is not None:
-            best = sorted(p.scores.items(), key=lambda kv: -kv[1])[: top_k or 3]
-            detail = ", ".join(f"{label} {prob:.3f}" for label, prob in best)
-        else:
-            detail = p.raw or ""
-        table.add_row(t if len(t) <= 80 else t[:77] + "...", p.label, detail)
-    Console().print(table)
+    print_predictions(texts, predictions, clf.mode, top_k)
 
 
 def _modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -255,55 +204,14 @@ def _modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     return (mode,)
 
 
-def _print_summary(report: dict, out_dir: Path | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    if report.get("multi_label"):
-        return _print_multilabel_summary(report, out_dir)
-    abstain = any("in_scope_accuracy" in r for r in report["results"])
-    extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
-    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", *extra, "examples/s",
-                  title=f"{report['dataset']} ({report['n']} examples)")
-    for r in report["results"]:
-        cells = [_pct(r.get(k)) for k in ("in_scope_accuracy", "oos_recall", "abstain_rate")] if abstain else []
-        table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
-                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", *cells,
-                      f"{r['examples_per_s']:.1f}")
-    console = Console()
-    console.print(table)
-    if out_dir is not None:
-        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
-
-
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "examples/s",
-                  title=f"{report['dataset']} ({report['n']} examples, multi-label)")
-    for r in report["results"]:
-        table.add_row(r["model"], r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
-                      f"{100 * r['micro_f1']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{100 * r['subset_accuracy']:.1f}%",
-                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['examples_per_s']:.1f}")
-    console = Console()
-    console.print(table)
-    if out_dir is not None:
-        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
-
-
 @app.command("evaluate")
 def evaluate_cmd(
-    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
-    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, labels: LabelsOpt = None,
-    mode: ModeOpt = None, batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False,
-    sets: SetOpt = None, multi_label: MultiLabelOpt = None, threshold: ThresholdOpt = None,
-    allow_empty: AllowEmptyOpt = None, task: TaskOpt = None, input_name: InputNameOpt = None,
-    min_confidence: MinConfidenceOpt = None, fallback_label: FallbackOpt = None,
+    adapter: opt.AdapterOpt = None, config: opt.ConfigOpt = None, model: opt.ModelOpt = None, test: opt.TestOpt = None,
+    text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None, labels: opt.LabelsOpt = None,
+    mode: opt.ModeOpt = None, batch_size: opt.BatchOpt = None, output_dir: opt.OutputOpt = None, json_out: opt.JsonOpt = False,
+    sets: opt.SetOpt = None, multi_label: opt.MultiLabelOpt = None, threshold: opt.ThresholdOpt = None,
+    allow_empty: opt.AllowEmptyOpt = None, task: opt.TaskOpt = None, input_name: opt.InputNameOpt = None,
+    min_confidence: opt.MinConfidenceOpt = None, fallback_label: opt.FallbackOpt = None,
 ):
     """Metrics for one model (adapter, or base model prompted alone) on a labelled file."""
     from .compare import eval_examples, run_eval
@@ -321,12 +229,12 @@ def evaluate_cmd(
         cfg.data.labels = _labels_of(cfg)  # a base model is asked about the labels the test data has
     clf = _load_classifier(adapter, cfg, modes[0], base_override=model)
     path, examples = eval_examples(cfg, clf)
-    report = run_eval([("adapter" if adapter else "base", clf)], examples, modes, path, clf.labels, _progress)
+    report = run_eval([("adapter" if adapter else "base", clf)], examples, modes, path, clf.labels, progress)
     out = _write(report, output_dir or "outputs/evaluate")
     if json_out:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report, out)
+        print_summary(report, out)
 
 
 def _labels_of(cfg: Config) -> list[str]:
@@ -348,10 +256,10 @@ def _write(report: dict, out_dir) -> Path:
 
 @app.command()
 def compare(
-    adapter: AdaptersOpt = None, config: ConfigOpt = None, model: ModelOpt = None, test: TestOpt = None,
-    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, mode: ModeOpt = None,
-    batch_size: BatchOpt = None, output_dir: OutputOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
-    min_confidence: MinConfidenceOpt = None, fallback_label: FallbackOpt = None,
+    adapter: opt.AdaptersOpt = None, config: opt.ConfigOpt = None, model: opt.ModelOpt = None, test: opt.TestOpt = None,
+    text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None, mode: opt.ModeOpt = None,
+    batch_size: opt.BatchOpt = None, output_dir: opt.OutputOpt = None, json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
+    min_confidence: opt.MinConfidenceOpt = None, fallback_label: opt.FallbackOpt = None,
 ):
     """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements.
 
@@ -367,18 +275,18 @@ def compare(
     modes = _modes(mode, ("score", "generate"))
     _quiet_libraries()
     out_dir = Path(output_dir or "outputs/report")
-    report = run_compare(adapters, cfg, modes=modes, out_dir=out_dir, base_override=model, progress=_progress)
+    report = run_compare(adapters, cfg, modes=modes, out_dir=out_dir, base_override=model, progress=progress)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
-        _print_summary(report, out_dir)
+        print_summary(report, out_dir)
 
 
 @app.command()
 def calibrate(
-    adapter: AdapterOpt = None, config: ConfigOpt = None, model: ModelOpt = None, val: ValOpt = None,
-    text_field: TextFieldOpt = None, label_field: LabelFieldOpt = None, batch_size: BatchOpt = None,
-    allow_empty: AllowEmptyOpt = None, json_out: JsonOpt = False, sets: SetOpt = None,
+    adapter: opt.AdapterOpt = None, config: opt.ConfigOpt = None, model: opt.ModelOpt = None, val: opt.ValOpt = None,
+    text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None, batch_size: opt.BatchOpt = None,
+    allow_empty: opt.AllowEmptyOpt = None, json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
 ):
     """Multi-label: pick the decision threshold that maximises micro-F1 on validation data; save it with the adapter."""
     from .adapter import META_FILE
@@ -401,7 +309,7 @@ def calibrate(
     if not path or path == "none":
         raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
     examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
-    bar = _progress(len(examples), "calibrate", clf.spec.input_name)
+    bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = run_calibrate(clf, examples, progress=bar.update)
     bar.close()
     meta_path = write_threshold(adapter, found, str(path))
@@ -415,10 +323,10 @@ def calibrate(
 
 @app.command()
 def demo(
-    model: ModelOpt = None, config: ConfigOpt = None, output_dir: OutputOpt = None,
+    model: opt.ModelOpt = None, config: opt.ConfigOpt = None, output_dir: opt.OutputOpt = None,
     epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
-    sets: SetOpt = None,
+    sets: opt.SetOpt = None,
 ):
     """The main job on the shipped data: inspect -> train -> compare -> sample predictions."""
     from .compare import compare as run_compare
@@ -442,8 +350,8 @@ def demo(
         raise typer.Exit(130)
     print("\n== 3/4 compare the base model with base + adapter")
     report_dir = out_root / "report"
-    report = run_compare([result.adapter_dir], cfg, modes=("score", "generate"), out_dir=report_dir, progress=_progress)
-    _print_summary(report, report_dir)
+    report = run_compare([result.adapter_dir], cfg, modes=("score", "generate"), out_dir=report_dir, progress=progress)
+    print_summary(report, report_dir)
     print("\n== 4/4 sample predictions")
     from .predict import Classifier
 
@@ -460,7 +368,7 @@ def serve(
     adapter: Annotated[Optional[list[str]], typer.Option(
         "--adapter", help="Adapter directory, or NAME=DIR; repeat to serve several adapters of one base model "
                           "(default: OUTPUT_DIR/final).")] = None,
-    config: ConfigOpt = None, model: ModelOpt = None, mode: ModeOpt = None, batch_size: BatchOpt = None,
+    config: opt.ConfigOpt = None, model: opt.ModelOpt = None, mode: opt.ModeOpt = None, batch_size: opt.BatchOpt = None,
     host: Annotated[Optional[str], typer.Option(
         "--host", help="Interface to bind: 127.0.0.1 (default) stays local, 0.0.0.0 exposes the server.")] = None,
     port: Annotated[Optional[int], typer.Option("--port", help="Port (default 8000; 0 picks a free one).")] = None,
@@ -472,7 +380,7 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most texts accepted in one request.")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option(
         "--max-wait-ms", help="How long a request waits for others to share its forward pass.")] = None,
-    sets: SetOpt = None,
+    sets: opt.SetOpt = None,
 ):
     """Serve adapters over HTTP (FastAPI): POST /v1/classify, GET /v1/labels, /healthz, /readyz, docs at /docs."""
     from .serve import parse_adapter_specs, run
@@ -503,7 +411,7 @@ def bench(
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out",
                                                       help="Results directory (default: benchmarks/results).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")] = None,
-    json_out: JsonOpt = False,
+    json_out: opt.JsonOpt = False,
 ):
     """Speed and memory on flan-t5-small's shape (random weights, offline): training and prediction, with targets."""
     run = _benchmarks_run()
@@ -512,13 +420,7 @@ def bench(
     if json_out:
         print(json.dumps(results, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("target", "value", "threshold", "met", title=f"benchmark targets ({results['mode']} run)")
-    for t in results["targets"]:
-        table.add_row(t["target"], f"{t['value']} {t['unit']}", str(t["threshold"]), "met" if t["met"] else "NOT MET")
-    Console().print(table)
+    print_targets(results)
 
 
 def openmp_defaults() -> None:

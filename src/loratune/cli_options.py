@@ -1,0 +1,42 @@
+"""The CLI's shared options: one declaration each, so every command spells and documents a flag the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
+FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
+TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
+ValOpt = Annotated[Optional[str], typer.Option(
+    "--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")]
+TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
+TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
+LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
+LabelsOpt = Annotated[Optional[str], typer.Option(
+    "--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted).")]
+TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
+InputNameOpt = Annotated[Optional[str], typer.Option(
+    "--input-name", help="What one input is called in the prompt and in speed units (default: text).")]
+IdFieldOpt = Annotated[Optional[str], typer.Option(
+    "--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
+MinConfidenceOpt = Annotated[Optional[float], typer.Option(
+    "--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain).")]
+FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
+MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
+AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
+AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", metavar="DIR", help="Adapter directory; repeat to compare.")]
+ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5).")]
+AllowEmptyOpt = Annotated[Optional[bool], typer.Option(
+    "--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one).")]

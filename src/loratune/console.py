@@ -1,0 +1,78 @@
+"""What the CLI prints: progress bars and result tables (rich), kept apart from the commands' logic."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def progress(total: int, desc: str, unit: str = "example"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def print_predictions(texts, predictions, mode: str, top_k: int | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("text", "label", "top scores" if mode == "score" else "raw output")
+    for t, p in zip(texts, predictions):
+        if p.scores is not None:
+            best = sorted(p.scores.items(), key=lambda kv: -kv[1])[: top_k or 3]
+            detail = ", ".join(f"{label} {prob:.3f}" for label, prob in best)
+        else:
+            detail = p.raw or ""
+        table.add_row(t if len(t) <= 80 else t[:77] + "...", p.label, detail)
+    Console().print(table)
+
+
+def print_summary(report: dict, out_dir: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if report.get("multi_label"):
+        return print_multilabel_summary(report, out_dir)
+    abstain = any("in_scope_accuracy" in r for r in report["results"])
+    extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
+    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", *extra, "examples/s",
+                  title=f"{report['dataset']} ({report['n']} examples)")
+    for r in report["results"]:
+        cells = [pct(r.get(k)) for k in ("in_scope_accuracy", "oos_recall", "abstain_rate")] if abstain else []
+        table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
+                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", *cells,
+                      f"{r['examples_per_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if out_dir is not None:
+        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "examples/s",
+                  title=f"{report['dataset']} ({report['n']} examples, multi-label)")
+    for r in report["results"]:
+        table.add_row(r["model"], r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
+                      f"{100 * r['micro_f1']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{100 * r['subset_accuracy']:.1f}%",
+                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['examples_per_s']:.1f}")
+    console = Console()
+    console.print(table)
+    if out_dir is not None:
+        console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def print_targets(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("target", "value", "threshold", "met", title=f"benchmark targets ({results['mode']} run)")
+    for t in results["targets"]:
+        table.add_row(t["target"], f"{t['value']} {t['unit']}", str(t["threshold"]), "met" if t["met"] else "NOT MET")
+    Console().print(table)
