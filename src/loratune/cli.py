@@ -50,7 +50,7 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disableprogress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
 
 
 @app.command()
