@@ -128,6 +128,20 @@ def build_model(args, labels: list[str], model_path: str):
     return model, lambda m, batch: m(**batch)
 
 
+def init_head_from_baseline(model, args, labels: list[str], model_path: str) -> None:
+    """Linear probe, then fine-tune: the head starts as the frozen baseline's regression (logits = W x + b on
+    L2-normalised mean embeddings), so step 0 already scores what the baseline scores."""
+    if args.pooling != "mean" or not args.normalize:
+        raise SystemExit("--init-head needs --pooling mean --normalize")
+    tr_x, tr_y = load("train")
+    base = EmbeddingBaseline(C=10.0).fit_vectors(cached_embeddings("train", tr_x, model_path), tr_y, labels)
+    clf = base._clf
+    assert list(clf.classes_) == labels
+    with torch.no_grad():
+        model.head.weight.copy_(torch.tensor(clf.coef_ / args.scale, dtype=torch.float32))
+        model.head.bias.copy_(torch.tensor(clf.intercept_, dtype=torch.float32))
+
+
 def batches(ids: list[list[int]], order: list[int], batch_size: int, pad_id: int):
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
@@ -158,7 +172,7 @@ def run_lora(args) -> dict:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model_path = default_embedding_model()
-    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = load("train", args.train_limit), load("val"), load("test")
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = load("train", args.train_limit), load("val", args.eval_limit), load("test", args.eval_limit)
     labels = sorted(set(load("train")[1]))
     index = {label: i for i, label in enumerate(labels)}
     tok = AutoTokenizer.from_pretrained(model_path)
@@ -166,6 +180,8 @@ def run_lora(args) -> dict:
     tr_ids, va_ids, te_ids = enc(tr_x), enc(va_x), enc(te_x)
     y = torch.tensor([index[v] for v in tr_y])
     model, forward = build_model(args, labels, model_path)
+    if args.init_head:
+        init_head_from_baseline(model, args, labels, model_path)
     head_names = ("classifier", "head", "pooler")
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in head_names)]
@@ -228,7 +244,9 @@ def main() -> None:
     lo.add_argument("--warmup", type=float, default=0.06)
     lo.add_argument("--label-smoothing", type=float, default=0.0)
     lo.add_argument("--train-limit", type=int, default=None)
-    lo.add_argument("--threads", type=int, default=2)
+    lo.add_argument("--threads", type=int, default=1, help="1: on 2 oversubscribed cores, 2 threads ran 10x slower")
+    lo.add_argument("--init-head", action="store_true", help="mean+normalize: start the head from the frozen baseline's LR")
+    lo.add_argument("--eval-limit", type=int, default=None, help="smoke runs only: score a slice of val/test")
     lo.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.cmd == "lora":
