@@ -45,7 +45,7 @@ def load(split: str, limit: int | None = None, seed: int = 0) -> tuple[list[str]
 def score(labels: list[str], val_probs, val_gold, test_probs, test_gold) -> dict:
     """Test metrics at threshold 0 and at val-calibrated thresholds, plus the (uncalibrated) test frontier."""
     index = {label: i for i, label in enumerate(labels)}
-    val_idx, test_idx = [index[g] for g in val_gold], [index[g] for g in test_gold]
+    val_idx = [index[g] for g in val_gold]
     top = [labels[j] for j in test_probs.argmax(1)]
     conf = test_probs.max(1)
 
@@ -53,13 +53,15 @@ def score(labels: list[str], val_probs, val_gold, test_probs, test_gold) -> dict
         m = abstain_metrics(test_gold, apply_abstain(top, conf, t, FALLBACK), FALLBACK)
         return {"t": round(float(t), 2), "in_scope": round(m["in_scope_accuracy"], 4), "oos_recall": round(m["oos_recall"], 4)}
 
-    out = {"val_acc": round(float(np.mean([labels[j] == g for j, g in zip(val_probs.argmax(1), val_gold)])), 4),
-           "test_acc": round(float(np.mean([p == g for p, g in zip(top, test_gold)])), 4),
-           "test_t0": at(0.0)}
+    out = {
+        "val_acc": round(float(np.mean([labels[j] == g for j, g in zip(val_probs.argmax(1), val_gold)])), 4),
+        "test_acc": round(float(np.mean([p == g for p, g in zip(top, test_gold)])), 4),
+        "test_t0": at(0.0),
+    }
     t, _ = calibrate_confidence(val_probs, val_idx, labels, FALLBACK)
     out["test_at_val_best_f1"] = at(t)
     for target in VAL_TARGETS:
-        t, m = calibrate_confidence(val_probs, val_idx, labels, FALLBACK, target_in_scope_accuracy=target)
+        t, _ = calibrate_confidence(val_probs, val_idx, labels, FALLBACK, target_in_scope_accuracy=target)
         out[f"test_at_val_insc_{target}"] = at(t)
     frontier = [at(t) for t in CONFIDENCE_GRID]
     ok = [f for f in frontier if f["in_scope"] >= 0.96]
@@ -86,9 +88,12 @@ def run_baseline(args) -> dict:
     t1 = time.perf_counter()
     base = EmbeddingBaseline(C=args.C, class_weight=args.class_weight).fit_vectors(embs["train"], tr_y)
     fit_s = time.perf_counter() - t1
-    return {"config": f"frozen MiniLM mean-pool + LogisticRegression C={args.C} class_weight={args.class_weight}",
-            "embed_s_all_splits": round(embed_s, 1), "fit_s": round(fit_s, 1),
-            **score(base.labels, base.predict_proba_vectors(embs["val"]), va_y, base.predict_proba_vectors(embs["test"]), te_y)}
+    return {
+        "config": f"frozen MiniLM mean-pool + LogisticRegression C={args.C} class_weight={args.class_weight}",
+        "embed_s_all_splits": round(embed_s, 1),
+        "fit_s": round(fit_s, 1),
+        **score(base.labels, base.predict_proba_vectors(embs["val"]), va_y, base.predict_proba_vectors(embs["test"]), te_y),
+    }
 
 
 class MeanPoolClassifier(torch.nn.Module):
@@ -116,10 +121,17 @@ def build_model(args, labels: list[str], model_path: str):
     targets = args.targets.split(",")
     if args.pooling == "cls":
         model = AutoModelForSequenceClassification.from_pretrained(
-            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)})
+            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={k: i for i, k in enumerate(labels)}
+        )
         save = ["classifier"] + (["pooler"] if args.train_pooler else [])
-        cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                         target_modules=targets, modules_to_save=save)
+        cfg = LoraConfig(
+            task_type=TaskType.SEQ_CLS,
+            r=args.r,
+            lora_alpha=args.alpha,
+            lora_dropout=args.dropout,
+            target_modules=targets,
+            modules_to_save=save,
+        )
         return get_peft_model(model, cfg), lambda m, batch: m(**batch).logits
     encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False)
     cfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=targets)
@@ -144,7 +156,7 @@ def init_head_from_baseline(model, args, labels: list[str], model_path: str) -> 
 
 def batches(ids: list[list[int]], order: list[int], batch_size: int, pad_id: int):
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         width = max(len(ids[i]) for i in idx)
         input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
@@ -186,8 +198,9 @@ def run_lora(args) -> dict:
     head = [p for n, p in model.named_parameters() if p.requires_grad and any(h in n for h in head_names)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not any(h in n for h in head_names)]
     trainable = sum(p.numel() for p in head + body)
-    opt = torch.optim.AdamW([{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr or args.lr}],
-                            weight_decay=args.weight_decay)
+    opt = torch.optim.AdamW(
+        [{"params": body, "lr": args.lr}, {"params": head, "lr": args.head_lr or args.lr}], weight_decay=args.weight_decay
+    )
     steps = args.epochs * math.ceil(len(tr_ids) / args.batch_size)
     sched = get_linear_schedule_with_warmup(opt, int(args.warmup * steps), steps)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -207,17 +220,22 @@ def run_lora(args) -> dict:
             losses.append(loss.item())
             step += 1
             if step % 50 == 0:
-                print(f"epoch {epoch} step {step}/{steps} loss {np.mean(losses[-50:]):.3f} "
-                      f"{time.perf_counter() - t0:.0f}s", flush=True)
+                print(f"epoch {epoch} step {step}/{steps} loss {np.mean(losses[-50:]):.3f} {time.perf_counter() - t0:.0f}s", flush=True)
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     va_p = predict_probs(model, forward, va_ids, tok.pad_token_id)
     te_p = predict_probs(model, forward, te_ids, tok.pad_token_id)
     predict_s = time.perf_counter() - t1
     cfg = {k: v for k, v in vars(args).items() if k not in ("cmd",)}
-    return {"config": cfg, "trainable_params": trainable, "n_train": len(tr_ids), "train_s": round(train_s, 1),
-            "predict_s_val_test": round(predict_s, 1), "final_loss": round(float(np.mean(losses[-50:])), 4),
-            **score(labels, va_p, va_y, te_p, te_y)}
+    return {
+        "config": cfg,
+        "trainable_params": trainable,
+        "n_train": len(tr_ids),
+        "train_s": round(train_s, 1),
+        "predict_s_val_test": round(predict_s, 1),
+        "final_loss": round(float(np.mean(losses[-50:])), 4),
+        **score(labels, va_p, va_y, te_p, te_y),
+    }
 
 
 def main() -> None:

@@ -33,8 +33,14 @@ def default_embedding_model() -> str | None:
     return str(path) if (path / "config.json").is_file() else None
 
 
-def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, max_length: int = 128,
-                progress: Callable[[int, int], None] | None = None, device: str | None = None) -> np.ndarray:
+def embed_texts(
+    texts: Sequence[str],
+    model_path: str,
+    batch_size: int = 64,
+    max_length: int = 128,
+    progress: Callable[[int, int], None] | None = None,
+    device: str | None = None,
+) -> np.ndarray:
     """Mean-pooled (attention mask), L2-normalised embeddings of ``texts`` as a float32 (n, hidden) array.
 
     Texts are batched in length order so short texts are not padded to long ones; rows come back in input order.
@@ -53,9 +59,8 @@ def embed_texts(texts: Sequence[str], model_path: str, batch_size: int = 64, max
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
+            idx = order[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
             hidden = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -73,8 +78,14 @@ class EmbeddingBaseline:
     best on intent data; ``class_weight="balanced"`` helps when some labels are rare.
     """
 
-    def __init__(self, C: float = 10.0, max_iter: int = 2000, class_weight: str | dict | None = None,
-                 multi_label: bool = False, max_length: int = 128):
+    def __init__(
+        self,
+        C: float = 10.0,
+        max_iter: int = 2000,
+        class_weight: str | dict | None = None,
+        multi_label: bool = False,
+        max_length: int = 128,
+    ):
         self.C, self.max_iter, self.class_weight = C, max_iter, class_weight
         self.multi_label, self.max_length = multi_label, max_length
         self.labels: list[str] = []
@@ -89,8 +100,15 @@ class EmbeddingBaseline:
             raise LoratuneError("the embedding baseline is not fitted yet: call fit() first")
         return embed_texts(texts, self.model_path, self.batch_size, self.max_length, progress)
 
-    def fit(self, train_texts: Sequence[str], train_labels: Sequence[str | Sequence[str]], model_path: str | None = None,
-            batch_size: int = 64, labels: Sequence[str] | None = None, progress=None) -> EmbeddingBaseline:
+    def fit(
+        self,
+        train_texts: Sequence[str],
+        train_labels: Sequence[str | Sequence[str]],
+        model_path: str | None = None,
+        batch_size: int = 64,
+        labels: Sequence[str] | None = None,
+        progress=None,
+    ) -> EmbeddingBaseline:
         """Embed ``train_texts`` and fit the regression; ``labels`` fixes the column order (default: sorted labels seen)."""
         start = time.perf_counter()
         self.model_path = model_path or default_embedding_model()
@@ -102,8 +120,9 @@ class EmbeddingBaseline:
         self.fit_seconds = time.perf_counter() - start
         return self
 
-    def fit_vectors(self, x: np.ndarray, train_labels: Sequence[str | Sequence[str]],
-                    labels: Sequence[str] | None = None) -> EmbeddingBaseline:
+    def fit_vectors(
+        self, x: np.ndarray, train_labels: Sequence[str | Sequence[str]], labels: Sequence[str] | None = None
+    ) -> EmbeddingBaseline:
         """Fit the regression on precomputed embeddings (what :meth:`fit` does after embedding)."""
         from sklearn.linear_model import LogisticRegression
 
@@ -162,8 +181,15 @@ class EmbeddingBaseline:
         return self.labels_from_proba(self.predict_proba(texts, progress))
 
 
-def run_baseline(train_examples: Sequence, test_examples: Sequence, labels: Sequence[str], model_path: str | None = None,
-                 multi_label: bool | None = None, batch_size: int = 64, progress=None) -> dict:
+def run_baseline(
+    train_examples: Sequence,
+    test_examples: Sequence,
+    labels: Sequence[str],
+    model_path: str | None = None,
+    multi_label: bool | None = None,
+    batch_size: int = 64,
+    progress=None,
+) -> dict:
     """Fit on ``train_examples`` and score ``test_examples`` (loratune Examples); a metrics row like EvalResult's.
 
     Adds ``fit_seconds`` (embedding the training set + the regression), ``seconds`` / ``examples_per_s`` /
@@ -175,7 +201,8 @@ def run_baseline(train_examples: Sequence, test_examples: Sequence, labels: Sequ
     if multi_label is None:
         multi_label = any(not isinstance(e.label, str) for e in train_examples)
     baseline = EmbeddingBaseline(multi_label=multi_label).fit(
-        [e.text for e in train_examples], [e.label for e in train_examples], model_path, batch_size, labels, progress)
+        [e.text for e in train_examples], [e.label for e in train_examples], model_path, batch_size, labels, progress
+    )
     start = time.perf_counter()
     pred = baseline.predict([e.text for e in test_examples])
     seconds = time.perf_counter() - start
@@ -184,15 +211,17 @@ def run_baseline(train_examples: Sequence, test_examples: Sequence, labels: Sequ
     else:
         metrics = compute_metrics([e.label for e in test_examples], pred, baseline.labels)
     n = len(test_examples)
-    metrics.update({
-        "model": BASELINE_NAME,
-        "embedding_model": baseline.model_path,
-        "fit_seconds": baseline.fit_seconds,
-        "seconds": seconds,
-        "examples_per_s": n / seconds if seconds > 0 else float("inf"),
-        "ms_per_example": 1000 * seconds / max(n, 1),
-        "batch_size": batch_size,
-    })
+    metrics.update(
+        {
+            "model": BASELINE_NAME,
+            "embedding_model": baseline.model_path,
+            "fit_seconds": baseline.fit_seconds,
+            "seconds": seconds,
+            "examples_per_s": n / seconds if seconds > 0 else float("inf"),
+            "ms_per_example": 1000 * seconds / max(n, 1),
+            "batch_size": batch_size,
+        }
+    )
     # Today's report table reads the per-ticket keys; keep them until the units are renamed (issue 13, item 3).
     metrics.update(tickets_per_s=metrics["examples_per_s"], ms_per_ticket=metrics["ms_per_example"])
     return metrics
