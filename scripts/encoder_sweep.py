@@ -238,6 +238,39 @@ def run_lora(args) -> dict:
     }
 
 
+def describe(row: dict) -> str:
+    c = row["config"]
+    if isinstance(c, str):
+        return c
+    pool = f"{c['pooling']}{'+norm' if c.get('normalize') else ''}{'+LR-init head' if c.get('init_head') else ''}"
+    extra = f", train {c['train_limit']}" if c.get("train_limit") else ""
+    extra += f", eval {c['eval_limit']} (smoke)" if c.get("eval_limit") else ""
+    return (
+        f"LoRA r={c['r']} a={c['alpha']} {c['targets']}, {pool}, lr {c['lr']:g}/head {c['head_lr'] or c['lr']:g}, "
+        f"{c['epochs']} ep, bs {c['batch_size']}{extra}"
+    )
+
+
+def table() -> str:
+    """The results file as a markdown table (in-scope accuracy / oos recall on test, threshold in brackets)."""
+
+    def cell(m):
+        return f"{100 * m['in_scope']:.1f} / {100 * m['oos_recall']:.1f} (t={m['t']:.2f})" if m else "-"
+
+    lines = [
+        "| config | train s | val acc | test t=0 | test @val best macro-F1 | test @val in-scope>=0.97 | test frontier (in-scope>=96%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for line in RESULTS.read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        secs = r.get("train_s", r.get("fit_s"))
+        lines.append(
+            f"| {describe(r)} | {secs} | {100 * r['val_acc']:.1f} | {cell(r['test_t0'])} | {cell(r['test_at_val_best_f1'])} | "
+            f"{cell(r.get('test_at_val_insc_0.97'))} | {cell(r['test_frontier_insc96'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -266,7 +299,11 @@ def main() -> None:
     lo.add_argument("--init-head", action="store_true", help="mean+normalize: start the head from the frozen baseline's LR")
     lo.add_argument("--eval-limit", type=int, default=None, help="smoke runs only: score a slice of val/test")
     lo.add_argument("--seed", type=int, default=0)
+    sub.add_parser("table", help="print the results so far as a markdown table")
     args = p.parse_args()
+    if args.cmd == "table":
+        print(table())
+        return
     if args.cmd == "lora":
         torch.set_num_threads(args.threads)
     row = run_baseline(args) if args.cmd == "baseline" else run_lora(args)
