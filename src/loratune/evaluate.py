@@ -364,3 +364,68 @@ def write_threshold(adapter_dir: str | Path, calibration: dict, dataset: str) ->
     meta.threshold = calibration["threshold"]
     meta.calibration = {**calibration, "data": dataset, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return meta.write(adapter_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Abstain (single-label): low-confidence predictions become a fallback label such as CLINC150's ``oos``.
+
+CONFIDENCE_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)
+
+
+def apply_abstain(labels_pred: Sequence[str], confidences: Sequence[float], min_confidence: float,
+                  fallback_label: str) -> list[str]:
+    """Replace every prediction whose confidence is below ``min_confidence`` by ``fallback_label``."""
+    return [fallback_label if c < min_confidence else p for p, c in zip(labels_pred, confidences)]
+
+
+def abstain_metrics(gold: Sequence[str], pred: Sequence[str], fallback_label: str) -> dict:
+    """Abstain rate (share of predictions that are the fallback) and, when the fallback occurs in ``gold``, the
+    CLINC150 pair: in-scope accuracy (over gold != fallback; predicting the fallback is wrong there) and
+    out-of-scope recall (share of gold == fallback predicted as the fallback)."""
+    gold, pred = np.asarray(gold, dtype=object), np.asarray(pred, dtype=object)
+    metrics = {"fallback_label": fallback_label, "abstain_rate": float((pred == fallback_label).mean()) if len(pred) else 0.0}
+    out = gold == fallback_label
+    if out.any():
+        metrics.update({
+            "n_in_scope": int((~out).sum()),
+            "n_out_of_scope": int(out.sum()),
+            "in_scope_accuracy": float((pred[~out] == gold[~out]).mean()) if (~out).any() else 0.0,
+            "oos_recall": float((pred[out] == fallback_label).mean()),
+        })
+    return metrics
+
+
+def calibrate_confidence(probs: np.ndarray, gold_idx: Sequence[int], labels: Sequence[str], fallback_label: str,
+                         target_in_scope_accuracy: float | None = None) -> tuple[float, dict]:
+    """Pick ``min_confidence`` (0.00 to 0.99) on validation data; returns (threshold, metrics at it).
+
+    With a target: the highest threshold whose in-scope accuracy still reaches it (the most out-of-scope recall
+    the target allows; needs the fallback label in the gold data); ``target_met`` is False, and the threshold 0,
+    when even no abstaining misses it. Without: the threshold with the best macro-F1 (over ``labels``), ties to
+    the lower one. ``probs`` are (n, len(labels)) probabilities, ``gold_idx`` indices into ``labels``.
+    """
+    from sklearn.metrics import f1_score
+
+    labels = list(labels)
+    probs = np.asarray(probs)
+    gold = [labels[i] for i in gold_idx]
+    top = [labels[j] for j in probs.argmax(1)]
+    confidence = probs.max(1)
+    if target_in_scope_accuracy is not None and fallback_label not in gold:
+        raise LoratuneError(f"calibrating for an in-scope accuracy needs validation examples labelled {fallback_label!r}")
+
+    def metrics_at(threshold: float) -> dict:
+        pred = apply_abstain(top, confidence, threshold, fallback_label)
+        return {"threshold": float(threshold), "n": len(gold),
+                "accuracy": float(np.mean([p == g for p, g in zip(pred, gold)])) if gold else 0.0,
+                "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+                **abstain_metrics(gold, pred, fallback_label)}
+
+    scored = [metrics_at(t) for t in CONFIDENCE_GRID]
+    if target_in_scope_accuracy is not None:
+        reaching = [m for m in scored if m["in_scope_accuracy"] >= target_in_scope_accuracy]
+        best = reaching[-1] if reaching else scored[0]
+        best = {**best, "target_in_scope_accuracy": target_in_scope_accuracy, "target_met": bool(reaching)}
+    else:
+        best = max(scored, key=lambda m: (m["macro_f1"], -m["threshold"]))
+    return best["threshold"], best
