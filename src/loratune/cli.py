@@ -260,6 +260,9 @@ def compare(
     text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None, mode: opt.ModeOpt = None,
     batch_size: opt.BatchOpt = None, output_dir: opt.OutputOpt = None, json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
     min_confidence: opt.MinConfidenceOpt = None, fallback_label: opt.FallbackOpt = None,
+    baseline: Annotated[str, typer.Option(
+        "--baseline", help="auto | embeddings | none: a frozen-embedding + logistic-regression row fit on the "
+                           "adapter's training data (auto: when an embedding model is installed).")] = "auto",
 ):
     """Base model prompted alone vs base + adapter, on the same prompts: metrics, report files, disagreements.
 
@@ -275,7 +278,10 @@ def compare(
     modes = _modes(mode, ("score", "generate"))
     _quiet_libraries()
     out_dir = Path(output_dir or "outputs/report")
-    report = run_compare(adapters, cfg, modes=modes, out_dir=out_dir, base_override=model, progress=progress)
+    if baseline not in ("auto", "embeddings", "none"):
+        raise LoratuneError(f"--baseline must be auto, embeddings or none, got {baseline!r}")
+    report = run_compare(adapters, cfg, modes=modes, out_dir=out_dir, base_override=model, progress=progress,
+                         baseline=baseline)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -287,8 +293,15 @@ def calibrate(
     adapter: opt.AdapterOpt = None, config: opt.ConfigOpt = None, model: opt.ModelOpt = None, val: opt.ValOpt = None,
     text_field: opt.TextFieldOpt = None, label_field: opt.LabelFieldOpt = None, batch_size: opt.BatchOpt = None,
     allow_empty: opt.AllowEmptyOpt = None, json_out: opt.JsonOpt = False, sets: opt.SetOpt = None,
+    fallback_label: opt.FallbackOpt = None,
+    target_in_scope: Annotated[Optional[float], typer.Option(
+        "--target-in-scope", help="Single-label: the in-scope accuracy to keep (default: best macro-F1).")] = None,
 ):
-    """Multi-label: pick the decision threshold that maximises micro-F1 on validation data; save it with the adapter."""
+    """Tune decisions on validation data and save them with the adapter.
+
+    Multi-label: the threshold that maximises micro-F1. Single-label with --fallback-label (e.g. oos): the
+    confidence below which a prediction abstains, for the best macro-F1 or a target in-scope accuracy.
+    """
     from .adapter import META_FILE
     from .data import load_eval_examples
     from .evaluate import calibrate as run_calibrate
@@ -309,6 +322,9 @@ def calibrate(
     if not path or path == "none":
         raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
     examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
+    if not clf.multi_label:
+        return _calibrate_abstain(clf, adapter, examples, path, fallback_label or clf.meta.fallback_label,
+                                  target_in_scope, json_out)
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = run_calibrate(clf, examples, progress=bar.update)
     bar.close()
@@ -319,6 +335,25 @@ def calibrate(
     print(f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
           f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}")
     print(f"written to {meta_path} (override with --threshold)")
+
+
+def _calibrate_abstain(clf, adapter: Path, examples, path, fallback: str | None, target: float | None, json_out: bool):
+    from .evaluate import calibrate_abstain, write_abstain
+
+    if not fallback:
+        raise LoratuneError("a single-label adapter is calibrated for abstaining: pass --fallback-label LABEL (e.g. oos)")
+    bar = progress(len(examples), "calibrate", clf.spec.input_name)
+    found = calibrate_abstain(clf, examples, fallback, target, progress=bar.update)
+    bar.close()
+    meta_path = write_abstain(adapter, found, str(path))
+    if json_out:
+        print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
+        return
+    scope = (f"in-scope accuracy {found['in_scope_accuracy']:.4f}, out-of-scope recall {found['oos_recall']:.4f}"
+             if "in_scope_accuracy" in found else f"macro-F1 {found['macro_f1']:.4f}")
+    print(f"min confidence {found['threshold']:.2f} -> {fallback}: {scope}, abstained {found['abstain_rate']:.1%} "
+          f"on {path} ({found['n']} examples)")
+    print(f"written to {meta_path} (override with --min-confidence)")
 
 
 @app.command()

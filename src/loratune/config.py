@@ -126,6 +126,8 @@ class PredictConfig:
     """Single-label: predictions whose top probability is below this become ``fallback_label`` (abstain)."""
     fallback_label: str | None = None
     """The label an abstained prediction gets (e.g. ``oos``); needed by ``min_confidence``."""
+    baseline_model: str | None = None
+    """``compare``'s frozen-embedding baseline: the embedding model. Empty: the MiniLM of the dev extra."""
 
 
 @dataclass

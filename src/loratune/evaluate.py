@@ -24,6 +24,9 @@ from .data import Example, example_labels
 from .errors import LoratuneError
 from .predict import DEFAULT_THRESHOLD, INVALID, Classifier, Prediction, decide_labels
 
+MAX_TABLE_LABELS = 20
+"""Confusion matrices with more columns go to report.json and the PNG only, not into report.md."""
+
 
 @dataclass
 class EvalResult:
@@ -122,7 +125,11 @@ def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | No
         if mode == "score":
             metrics.update(threshold=classifier.threshold, allow_empty=classifier.settings.allow_empty)
     else:
-        metrics = compute_metrics([e.label for e in examples], [p.label for p in predictions], classifier.labels)
+        gold, pred = [e.label for e in examples], [p.label for p in predictions]
+        metrics = compute_metrics(gold, pred, classifier.labels)
+        if classifier.settings.fallback_label:
+            metrics.update(abstain_metrics(gold, pred, classifier.settings.fallback_label),
+                           min_confidence=classifier.settings.min_confidence)
     metrics.update({
         "seconds": seconds,
         "ms_per_example": 1000 * seconds / max(len(texts), 1),
@@ -175,11 +182,13 @@ def report_markdown(report: dict) -> str:
     if report.get("multi_label"):
         return multilabel_report_markdown(report)
     lines = [f"# loratune report: {report['dataset']} ({report['n']} examples)", "",
-             "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | ms/example | examples/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | in-scope acc. | oos recall | abstained "
+             "| ms/example | examples/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
+        scope = " | ".join(_fmt(r[k]) if k in r else "-" for k in ("in_scope_accuracy", "oos_recall", "abstain_rate"))
         lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
-                     f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {r['ms_per_example']:.1f} | "
+                     f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {scope} | {r['ms_per_example']:.1f} | "
                      f"{r['examples_per_s']:.1f} |")
     lines += ["", "Accuracy counts end-to-end predictions only; `invalid` is generated text that matches no label.", ""]
     for r in report["results"]:
@@ -188,6 +197,9 @@ def report_markdown(report: dict) -> str:
         for label, m in r["per_label"].items():
             lines.append(f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} |")
         cm = r["confusion_matrix"]
+        if len(cm["columns"]) > MAX_TABLE_LABELS:
+            lines += ["", f"Confusion matrix: see report.json ({len(cm['columns'])} columns).", ""]
+            continue
         lines += ["", "Confusion matrix (rows: true label, columns: predicted):", "",
                   "| true \\ pred | " + " | ".join(cm["columns"]) + " |",
                   "|---" * (len(cm["columns"]) + 1) + "|"]
@@ -250,7 +262,8 @@ def plot_confusion(metrics: dict, title: str, path: Path) -> None:
 
     cm = metrics["confusion_matrix"]
     values = np.array(cm["values"])
-    fig, ax = plt.subplots(figsize=(1.1 * len(cm["columns"]) + 2.5, 0.9 * len(cm["rows"]) + 2.0))
+    # Capped: at 150 labels the figure would be tens of thousands of pixels wide.
+    fig, ax = plt.subplots(figsize=(min(1.1 * len(cm["columns"]) + 2.5, 24), min(0.9 * len(cm["rows"]) + 2.0, 20)))
     image = ax.imshow(values, cmap="Blues")
     ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=40, ha="right")
     ax.set_yticks(range(len(cm["rows"])), cm["rows"])
@@ -429,3 +442,22 @@ def calibrate_confidence(probs: np.ndarray, gold_idx: Sequence[int], labels: Seq
     else:
         best = max(scored, key=lambda m: (m["macro_f1"], -m["threshold"]))
     return best["threshold"], best
+
+
+def calibrate_abstain(classifier: Classifier, examples: Sequence[Example], fallback_label: str,
+                      target_in_scope_accuracy: float | None = None, progress=None) -> dict:
+    """Single-label: pick ``min_confidence`` on labelled (validation) examples; returns what was found."""
+    if fallback_label not in classifier.labels:
+        raise LoratuneError(f"--fallback-label {fallback_label!r} is not one of the adapter's labels")
+    probs = classifier.predict_proba([e.text for e in examples], progress=progress)
+    gold = [classifier.labels.index(e.label) for e in examples]
+    _, found = calibrate_confidence(probs, gold, classifier.labels, fallback_label, target_in_scope_accuracy)
+    return found
+
+
+def write_abstain(adapter_dir: str | Path, calibration: dict, dataset: str) -> Path:
+    """Record a calibrated ``min_confidence`` and fallback label in the adapter's metadata; returns its path."""
+    meta = AdapterMeta.read(adapter_dir)
+    meta.min_confidence, meta.fallback_label = calibration["threshold"], calibration["fallback_label"]
+    meta.calibration = {**calibration, "data": dataset, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return meta.write(adapter_dir)
