@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from loratune.calibrate import calibrate_confidence
 from loratune.errors import LoratuneError
-from loratune.evaluate import abstain_metrics, apply_abstain, calibrate_confidence
+from loratune.evaluate import abstain_metrics, apply_abstain
 
 LABELS = ["a", "b", "c", "oos"]
 GOLD = ["a", "a", "b", "oos", "oos", "c"]

@@ -13,9 +13,10 @@ from conftest import ROOT, read_jsonl, write_jsonl
 from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
 from sklearn.preprocessing import MultiLabelBinarizer
 
+from loratune.calibrate import calibrate_threshold
 from loratune.config import DataConfig
 from loratune.data import DataError, load_splits, normalize_label, read_examples
-from loratune.evaluate import calibrate_threshold, compute_multilabel_metrics
+from loratune.evaluate import compute_multilabel_metrics
 from loratune.families import Seq2SeqFamily
 from loratune.predict import INVALID, Classifier, decide_labels, label_sets
 from loratune.prompt import PromptSpec, format_example, format_target
@@ -98,9 +99,9 @@ def test_multilabel_metrics_by_hand():
 
 
 def test_calibrate_and_threshold_errors_are_clear():
+    from loratune.calibrate import calibrate
     from loratune.config import Config, validate
     from loratune.errors import LoratuneError
-    from loratune.evaluate import calibrate
 
     with pytest.raises(LoratuneError, match="is single-label"):
         calibrate(Classifier(Seq2SeqFamily(None, None, PromptSpec(LABELS)), name="adapter-x"), [])

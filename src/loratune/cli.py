@@ -16,7 +16,7 @@ import typer
 
 from . import cli_options as opt
 from .config import Config, load_config, parse_set_options, validate
-from .console import print_predictions, print_summary, print_targets, progress
+from .console import print_calibration, print_predictions, print_summary, print_targets, progress
 from .errors import LoratuneError
 from .prompt import DEFAULT_LABELS as DEMO_LABELS
 
@@ -130,21 +130,6 @@ def _load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None,
     return clf
 
 
-def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list[str]:
-    """Texts from the argument, a file (JSONL/CSV with --text-field, or plain lines) or stdin."""
-    if text is not None and input_path is not None:
-        raise LoratuneError("give either a TEXT argument or --input FILE, not both")
-    if text is not None and text != "-":
-        return [text]
-    if input_path is None:
-        if sys.stdin.isatty() and text != "-":
-            raise LoratuneError("nothing to classify: pass TEXT, --input FILE, or pipe lines on stdin")
-        return [line.strip() for line in sys.stdin if line.strip()]
-    from .data import read_texts
-
-    return read_texts(input_path, cfg.data.text_field)
-
-
 @app.command()
 def predict(
     text: Annotated[Optional[str], typer.Argument(help="Text to classify ('-' reads lines from stdin).")] = None,
@@ -172,7 +157,9 @@ def predict(
         raise LoratuneError("nothing to classify: the TEXT argument is empty")
     _quiet_libraries()
     clf = _load_classifier(adapter, cfg, base_override=model)
-    texts = _read_inputs(text, input_path, cfg)
+    from .data import read_inputs
+
+    texts = read_inputs(text, input_path, cfg.data.text_field)
     if not texts:
         raise LoratuneError("nothing to classify: the input is empty")
     from .data import read_ids
@@ -303,9 +290,9 @@ def calibrate(
     confidence below which a prediction abstains, for the best macro-F1 or a target in-scope accuracy.
     """
     from .adapter import META_FILE
+    from .calibrate import calibrate as run_calibrate
+    from .calibrate import write_threshold
     from .data import load_eval_examples
-    from .evaluate import calibrate as run_calibrate
-    from .evaluate import write_threshold
 
     if adapter is None:
         raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
@@ -328,32 +315,18 @@ def calibrate(
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = run_calibrate(clf, examples, progress=bar.update)
     bar.close()
-    meta_path = write_threshold(adapter, found, str(path))
-    if json_out:
-        print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
-        return
-    print(f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
-          f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}")
-    print(f"written to {meta_path} (override with --threshold)")
+    print_calibration(found, path, write_threshold(adapter, found, str(path)), json_out)
 
 
 def _calibrate_abstain(clf, adapter: Path, examples, path, fallback: str | None, target: float | None, json_out: bool):
-    from .evaluate import calibrate_abstain, write_abstain
+    from .calibrate import calibrate_abstain, write_abstain
 
     if not fallback:
         raise LoratuneError("a single-label adapter is calibrated for abstaining: pass --fallback-label LABEL (e.g. oos)")
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = calibrate_abstain(clf, examples, fallback, target, progress=bar.update)
     bar.close()
-    meta_path = write_abstain(adapter, found, str(path))
-    if json_out:
-        print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
-        return
-    scope = (f"in-scope accuracy {found['in_scope_accuracy']:.4f}, out-of-scope recall {found['oos_recall']:.4f}"
-             if "in_scope_accuracy" in found else f"macro-F1 {found['macro_f1']:.4f}")
-    print(f"min confidence {found['threshold']:.2f} -> {fallback}: {scope}, abstained {found['abstain_rate']:.1%} "
-          f"on {path} ({found['n']} examples)")
-    print(f"written to {meta_path} (override with --min-confidence)")
+    print_calibration(found, path, write_abstain(adapter, found, str(path)), json_out)
 
 
 @app.command()

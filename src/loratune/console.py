@@ -76,3 +76,22 @@ def print_targets(results: dict) -> None:
     for t in results["targets"]:
         table.add_row(t["target"], f"{t['value']} {t['unit']}", str(t["threshold"]), "met" if t["met"] else "NOT MET")
     Console().print(table)
+
+
+def print_calibration(found: dict, path, meta_path, json_out: bool) -> None:
+    """What ``loratune calibrate`` found and where it was written."""
+    import json
+
+    if json_out:
+        print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
+        return
+    if "micro_f1_at_default" in found:  # multi-label threshold
+        print(f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
+              f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}")
+        print(f"written to {meta_path} (override with --threshold)")
+        return
+    scope = (f"in-scope accuracy {found['in_scope_accuracy']:.4f}, out-of-scope recall {found['oos_recall']:.4f}"
+             if "in_scope_accuracy" in found else f"macro-F1 {found['macro_f1']:.4f}")
+    print(f"min confidence {found['threshold']:.2f} -> {found['fallback_label']}: {scope}, abstained "
+          f"{found['abstain_rate']:.1%} on {path} ({found['n']} examples)")
+    print(f"written to {meta_path} (override with --min-confidence)")

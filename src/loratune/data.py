@@ -181,6 +181,21 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     return texts
 
 
+def read_inputs(text: str | None, input_path: str | Path | None, text_field: str = "text") -> list[str]:
+    """Texts to classify: the TEXT argument, a file (JSONL/CSV ``text_field``, or plain lines) or stdin (``-``)."""
+    import sys
+
+    if text is not None and input_path is not None:
+        raise LoratuneError("give either a TEXT argument or --input FILE, not both")
+    if text is not None and text != "-":
+        return [text]
+    if input_path is None:
+        if sys.stdin.isatty() and text != "-":
+            raise LoratuneError("nothing to classify: pass TEXT, --input FILE, or pipe lines on stdin")
+        return [line.strip() for line in sys.stdin if line.strip()]
+    return read_texts(input_path, text_field)
+
+
 def read_ids(path: str | Path, id_field: str | None = None) -> list | None:
     """The id of each row of a JSONL/CSV file, for ``predict`` to pass through: ``id_field``, else ``id`` when
     every row has one; None when there is none (plain text files have no ids)."""
