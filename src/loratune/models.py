@@ -58,9 +58,11 @@ def _unreachable(name: str, reason: str) -> LoratuneError:
 
 def resolve_model_name(name: str, texts=(), labels=None) -> str:
     """Turn ``tiny`` (``tiny-causal``, ``tiny-encoder``) into the cached tiny model's directory (built on first
-    use); other names pass through."""
+    use), and ``smollm2`` or a GGUF file into its converted directory (gguf.py); other names pass through."""
     if name not in TINY_NAMES:
-        return name
+        from .gguf import resolve_gguf_name  # issue 14 hook: GGUF bases
+
+        return resolve_gguf_name(name) or name
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
         print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
     kwargs = {"labels": labels} if labels else {}
@@ -283,6 +285,10 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
     adapter_dir = Path(adapter_dir)
     meta = read_metadata(adapter_dir)
     base_name = base_model or meta["base_model"]
+    if meta.get("base_gguf"):  # issue 14 hook: a GGUF base is identified by its file's sha256
+        from .gguf import adapter_base
+
+        base_name = adapter_base(meta, base_model)
     _check_family(adapter_dir, meta, base_name)
     base = load_base(base_name, revision=meta.get("base_revision"), family=meta["family"], dtype=dtype,
                      labels=meta["labels"])

@@ -41,6 +41,7 @@ from .atomic import replace_dir, temp_dir_beside
 from .config import Config, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
+from .gguf import gguf_source
 from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
 from .predict import (
     MAX_SCORED_LABELS,
@@ -461,6 +462,7 @@ def _metadata(cfg: Config, splits: Splits, base, model_name: str, targets, metri
         "base_model_requested": cfg.model.name,
         "base_revision": cfg.model.revision,
         "base_config_fingerprint": base.config_fingerprint,
+        "base_gguf": gguf_source(model_name),  # issue 14: sha256 + source of a GGUF base, else None
         "family": base.family,
         "labels": splits.labels,
         "multi_label": splits.multi_label,
