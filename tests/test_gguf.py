@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,20 @@ def test_different_gguf_file_is_refused(tiny_ggufs, tmp_path):
     check_gguf_base(sha, convert_gguf(tiny_ggufs["f16"], cache_dir=tmp_path, **QUIET))
     with pytest.raises(LoratuneError, match="sha256"):
         check_gguf_base(sha, tiny_ggufs["q8_0"])
+
+
+def test_adapter_base_reconverts_when_the_cache_is_gone(tiny_ggufs, tmp_path):
+    from loratune.gguf import adapter_base
+
+    meta = {
+        "base_model": str(tmp_path / "gone"),
+        "base_model_requested": str(tiny_ggufs["f16"]),
+        "base_gguf": {"sha256": gguf_sha256(tiny_ggufs["f16"])},
+    }
+    base = adapter_base(meta)
+    assert (Path(base) / "config.json").is_file() and Path(base).name == meta["base_gguf"]["sha256"]
+    with pytest.raises(LoratuneError, match="sha256"):
+        adapter_base(meta, base_model=str(tiny_ggufs["q8_0"]))
 
 
 def test_unsupported_architecture_exits_2_naming_it(tmp_path, run_cli):
