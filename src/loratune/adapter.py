@@ -22,7 +22,7 @@ from .prompt import PromptSpec
 META_FILE = "loratune.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", META_FILE)
 FORMAT = 2
-OMITTED_WHEN_UNSET = ("base_sha256", "threshold", "min_confidence", "fallback_label", "calibration")
+OMITTED_WHEN_UNSET = ("base_gguf", "threshold", "min_confidence", "fallback_label", "calibration")
 
 
 @dataclass
@@ -35,8 +35,8 @@ class AdapterMeta:
     base_model_requested: str = ""
     base_revision: str | None = None
     base_config_fingerprint: str | None = None
-    base_sha256: str | None = None
-    """The GGUF file's sha256 when the base came from one."""
+    base_gguf: dict | None = None
+    """When the base came from a GGUF file: its sha256 and source (a different file is refused)."""
     lora_target_modules: list = field(default_factory=list)
     lora_modules_to_save: list = field(default_factory=list)
     threshold: float | None = None
@@ -176,6 +176,10 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
     adapter_dir = Path(adapter_dir)
     meta = AdapterMeta.read(adapter_dir)
     base_name = base_model or meta.base_model
+    if meta.base_gguf:  # a GGUF base is identified by its file's sha256
+        from .gguf import adapter_base
+
+        base_name = adapter_base(meta, base_model)
     _check_family(adapter_dir, meta, base_name)
     base = load_base(base_name, revision=meta.base_revision, family=meta.family, dtype=dtype, labels=meta.labels)
     if meta.base_config_fingerprint and meta.base_config_fingerprint != base.config_fingerprint:

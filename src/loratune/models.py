@@ -55,9 +55,11 @@ def _unreachable(name: str, reason: str) -> LoratuneError:
 
 def resolve_model_name(name: str, texts=(), labels=None) -> str:
     """Turn ``tiny`` (``tiny-causal``, ``tiny-encoder``) into the cached tiny model's directory (built on first
-    use); other names pass through."""
+    use), and ``smollm2`` or a GGUF file into its converted directory (gguf.py); other names pass through."""
     if name not in TINY_NAMES:
-        return name
+        from .gguf import resolve_gguf_name  # issue 14 hook: GGUF bases
+
+        return resolve_gguf_name(name) or name
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per torchrun process
         print(f"WARNING: {TINY_WARNING}", file=sys.stderr)
     kwargs = {"labels": labels} if labels else {}

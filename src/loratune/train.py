@@ -43,6 +43,7 @@ from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
 from .families import family_class
 from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
+from .gguf import gguf_source
 from .models import attach_lora, count_parameters, load_base, resolve_max_length, resolve_model_name
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
@@ -316,6 +317,7 @@ def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSp
     return AdapterMeta(
         base_model=model_name, family=base.family, spec=spec, base_model_requested=cfg.model.name,
         base_revision=cfg.model.revision, base_config_fingerprint=base.config_fingerprint,
+        base_gguf=gguf_source(model_name),
         lora_target_modules=targets, lora_modules_to_save=saved_modules, config=cfg.to_dict(), metrics=metrics,
         data={"train": fingerprint(cfg.data.train),
               "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},

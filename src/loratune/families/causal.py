@@ -115,6 +115,7 @@ def causal_collator(tokenizer, pad_to_multiple_of: int | None = None):
 class CausalFamily(Family):
     name = "causal"
     peft_task_type = "CAUSAL_LM"
+    exports_gguf = True
 
     @classmethod
     def load_model(cls, source, config, tokenizer, labels, **kwargs):

@@ -71,6 +71,8 @@ class Family:
     peft_task_type: ClassVar[str]
     supports_generate: ClassVar[bool] = True
     supports_multi_label: ClassVar[bool] = False
+    exports_gguf: ClassVar[bool] = False
+    """``loratune export --format gguf`` can write this family (Llama-architecture causal LMs)."""
     reads_text_alone: ClassVar[bool] = False
     """Default for ``PromptSpec.input_only``: the model needs no instruction (a classification head)."""
 
