@@ -315,11 +315,11 @@ def _check_flags_match(cfg: Config, meta: AdapterMeta, adapter) -> None:
 
 
 def _base_classifier(cfg: Config, dev, dtype) -> Classifier:
-    if not cfg.data.labels:
+    labels = [normalize_label(x) for x in cfg.data.labels or ()]
+    name = resolve_model_name(cfg.model.name, labels=labels or None)  # a missing model is the first thing to say
+    if not labels:
         raise LoratuneError("a base model prompted alone needs the label set: pass --labels a,b,c "
                             "(or --adapter DIR, which knows its labels)")
-    labels = [normalize_label(x) for x in cfg.data.labels]
-    name = resolve_model_name(cfg.model.name, labels=labels)
     base = load_base(name, revision=cfg.model.revision, family=cfg.model.family, dtype=dtype, labels=labels)
     family_cls = family_class(base.family)
     spec = family_cls.make_spec(
