@@ -15,8 +15,9 @@ from typing import Annotated, Optional
 import typer
 
 from . import cli_options as opt
+from . import cli_tools
 from .config import Config, load_config, parse_set_options, validate
-from .console import print_calibration, print_predictions, print_summary, print_targets, progress
+from .console import print_calibration, print_predictions, print_summary, progress, quiet_libraries
 from .errors import LoratuneError
 from .prompt import DEFAULT_LABELS as DEMO_LABELS
 
@@ -41,18 +42,6 @@ def _data_flags(model, family, train, val, test, text_field, label_field, labels
             "data.labels": labels, "data.multi_label": multi_label}
 
 
-def _quiet_libraries() -> None:
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
-
-
 @app.command()
 def inspect(
     config: opt.ConfigOpt = None, model: opt.ModelOpt = None, family: opt.FamilyOpt = None, train: opt.TrainOpt = None,
@@ -69,7 +58,7 @@ def inspect(
                                              multi_label), **{"train.seed": seed, "prompt.task": task,
                                                               "prompt.input_name": input_name})
     validate(cfg)
-    _quiet_libraries()
+    quiet_libraries()
     report = inspect_dataset(cfg, n_examples=examples)
     if json_out:
         print(json.dumps(report, indent=2))
@@ -103,7 +92,7 @@ def train_cmd(
                      "train.seed": seed, "train.save_steps": save_steps, "prompt.task": task,
                      "prompt.input_name": input_name, "data.id_field": id_field})
     validate(cfg, training=True)
-    _quiet_libraries()
+    quiet_libraries()
     from .train import train as run_train  # after validation: a bad flag is reported without loading torch
 
     result = run_train(cfg, resume=resume, overwrite=overwrite,
@@ -155,7 +144,7 @@ def predict(
         raise LoratuneError("--top-k must be at least 1")
     if text is not None and text != "-" and not text.strip():
         raise LoratuneError("nothing to classify: the TEXT argument is empty")
-    _quiet_libraries()
+    quiet_libraries()
     clf = _load_classifier(adapter, cfg, base_override=model)
     from .data import read_inputs
 
@@ -211,7 +200,7 @@ def evaluate_cmd(
                                    "predict.min_confidence": min_confidence, "predict.fallback_label": fallback_label})
     validate(cfg)
     modes = _modes(mode, (cfg.predict.mode,))
-    _quiet_libraries()
+    quiet_libraries()
     if adapter is None and not cfg.data.labels:
         cfg.data.labels = _labels_of(cfg)  # a base model is asked about the labels the test data has
     clf = _load_classifier(adapter, cfg, modes[0], base_override=model)
@@ -263,7 +252,7 @@ def compare(
                                    "predict.min_confidence": min_confidence, "predict.fallback_label": fallback_label})
     validate(cfg)
     modes = _modes(mode, ("score", "generate"))
-    _quiet_libraries()
+    quiet_libraries()
     out_dir = Path(output_dir or "outputs/report")
     if baseline not in ("auto", "embeddings", "none"):
         raise LoratuneError(f"--baseline must be auto, embeddings or none, got {baseline!r}")
@@ -301,7 +290,7 @@ def calibrate(
     cfg = _config(config, sets, **{"data.text_field": text_field, "data.label_field": label_field,
                                    "predict.batch_size": batch_size, "predict.allow_empty": allow_empty})
     validate(cfg)
-    _quiet_libraries()
+    quiet_libraries()
     clf = _load_classifier(adapter, cfg, "score", base_override=model)
     # Without --val: the validation file the adapter was trained with (recorded in its metadata).
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
@@ -341,7 +330,7 @@ def demo(
     from .demo import demo_budget, pick_model, run_demo
 
     out_root = Path(output_dir or "outputs/demo")
-    _quiet_libraries()
+    quiet_libraries()
     name, why = pick_model(model or (load_config(config).model.name if config else None))
     print(why)
     # The shipped support tickets, asked about in their own words, unless a config says otherwise.
@@ -382,58 +371,13 @@ def serve(
                                    "serve.max_batch": max_batch, "serve.max_wait_ms": max_wait_ms})
     validate(cfg)
     adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
-    _quiet_libraries()
+    quiet_libraries()
     run(adapters, cfg, base_model=model, api_key=api_key or None)
 
 
-@app.command()
-def export(
-    adapter: opt.AdapterOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="merged (HF model directory) or gguf (Llama bases: llama.cpp, Ollama).")] = "merged",
-    quant: Annotated[str, typer.Option("--quant", help="GGUF weights: f16 or q8_0.")] = "f16",
-    output: Annotated[Optional[Path], typer.Option("--output", help="Output directory (merged) or .gguf file (gguf).")] = None,
-):
-    """Merge an adapter into its base model and save it as an HF directory or a GGUF file."""
-    from .export import export_gguf, export_merged
-
-    if adapter is None or output is None:
-        raise LoratuneError("export needs --adapter DIR and --output PATH")
-    if fmt not in ("merged", "gguf"):
-        raise LoratuneError(f"--format must be merged or gguf, got {fmt!r}")
-    _quiet_libraries()
-    out = export_merged(adapter, output) if fmt == "merged" else export_gguf(adapter, output, quant)
-    print(f"wrote {out}")
-
-
-def _benchmarks_run():
-    """benchmarks/run.py of this source checkout (the benchmarks are not part of the installed package)."""
-    import importlib
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "run.py").is_file():
-        raise LoratuneError("loratune bench runs benchmarks/run.py from a source checkout; none is beside this "
-                            f"installation ({root}): clone the repository and pip install -e . there")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.run")
-
-
-@app.command()
-def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: fewer tickets and sizes (< 2 min on 2 CPU cores).")] = False,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out",
-                                                      help="Results directory (default: benchmarks/results).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")] = None,
-    json_out: opt.JsonOpt = False,
-):
-    """Speed and memory on flan-t5-small's shape (random weights, offline): training and prediction, with targets."""
-    run = _benchmarks_run()
-    _quiet_libraries()
-    results = run.run(quick=quick, out=output_dir, device=device, echo=lambda *a: print(*a, file=sys.stderr, flush=True))
-    if json_out:
-        print(json.dumps(results, indent=2))
-        return
-    print_targets(results)
+# Tools beside the main flow, declared in cli_tools.py.
+app.command()(cli_tools.export)
+app.command()(cli_tools.bench)
 
 
 def openmp_defaults() -> None:

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+
+def quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
 
 
 def progress(total: int, desc: str, unit: str = "example"):
