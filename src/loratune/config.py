@@ -129,7 +129,7 @@ class ServeConfig:
     """Most texts accepted in one request (more: 422)."""
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its forward pass (micro-batching)."""
-    max_queue: int = 128
+    max_queue: int = 256
     """Most texts waiting for a forward pass; beyond it requests get a fast 503 with Retry-After."""
     read_timeout_s: float = 15.0
     """A request's headers and body must arrive within this many seconds of its first byte (else 408, closed)."""

@@ -35,7 +35,6 @@ from .schemas import (
 
 log = logging.getLogger("loratune.serve")
 
-DEFAULT_MAX_QUEUE = 128
 TimeoutHeader = Annotated[
     float | None,
     Header(
@@ -56,13 +55,14 @@ def create_app(
     max_batch: int = 64,
     max_wait_ms: float = 5.0,
     default_mode: str = "score",
-    max_queue: int | None = DEFAULT_MAX_QUEUE,
+    max_queue: int | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app. ``load`` builds the models in a background thread once the server is up.
 
     ``max_chars``/``max_batch`` bound one text / the texts in one request; ``max_queue`` bounds the texts
-    waiting for a forward pass (beyond it: 503 with Retry-After; None: unbounded); ``on_load_error`` is told
+    waiting for a forward pass (beyond it: 503 with Retry-After; None, the default here: unbounded;
+    ``loratune serve`` passes ``serve.max_queue``); ``on_load_error`` is told
     when loading fails (the CLI stops the server then).
     """
     app = FastAPI(
