@@ -126,12 +126,14 @@ def test_full_queue_answers_503_with_retry_after_at_once(classifier, recorder):
             shed = post(url, ["one more"])
             elapsed = time.perf_counter() - started
             assert shed.status_code == 503 and shed.json()["error"]["code"] == "overloaded", shed.text
+            unread = httpx.post(f"{url}/v1/classify", content=b'{"texts": [', headers={"Content-Type": "application/json"})
+            assert unread.status_code == 503, "a full server parsed a body it could not serve"  # not 400 malformed_json
             for response in (refused, shed):
                 assert int(response.headers["retry-after"]) >= 1
             assert elapsed < WAIT / 3, "a refusal waited for the queue"  # the worker is held for up to WAIT s
         answers = [f.result() for f in [first, *queued]]
     assert [r.status_code for r in answers] == [200] * 5
-    assert stats_after(app)["refused"] == 2
+    assert stats_after(app)["refused"] == 3
     assert not {"too", "many", "one more"} & set(recorder.seen)
 
 
@@ -287,3 +289,31 @@ def test_malformed_http_gets_a_json_400(classifier):
         for garbage in (b"NOT HTTP AT ALL\r\n\r\n", b"GET / HTTP/1.1\r\nBad Header\r\n\r\n", b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000):
             status, error = json_error(raw_exchange(url, garbage, WAIT)[0])
             assert (status, error["code"]) == (400, "bad_request"), error
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings from the config reach the classifiers (they were dropped: issue 12).
+
+
+@pytest.mark.integration
+def test_serve_passes_threshold_and_allow_empty_from_the_config(trained, tmp_path):
+    import shutil
+
+    from loratune.config import load_config
+    from loratune.serve import pool_loader
+
+    adapter = trained.adapter_dir
+    other = shutil.copytree(adapter, tmp_path / "other")
+    cfg = load_config(overrides={"predict.threshold": 0.85, "predict.allow_empty": True, "predict.batch_size": 3})
+    for adapters in ({"default": adapter}, {"a": adapter, "b": other}):  # merged single adapter; shared base
+        pool = pool_loader(adapters, cfg)()
+        assert [(c.threshold, c.allow_empty, c.batch_size) for c in pool.classifiers.values()] == [(0.85, True, 3)] * len(adapters)
+    # Unset, the adapter's own (calibrated or default) threshold stays.
+    pool = pool_loader({"default": adapter}, load_config())()
+    assert pool.classifiers["default"].threshold == trained_threshold(adapter)
+
+
+def trained_threshold(adapter) -> float:
+    from loratune.predict import DEFAULT_THRESHOLD
+
+    return json.loads((adapter / "loratune.json").read_text()).get("threshold", DEFAULT_THRESHOLD)
