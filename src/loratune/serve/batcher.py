@@ -31,6 +31,7 @@ class _Job:
     queued: bool = field(default=True)
 
     def alive(self, now: float) -> bool:
+        """Still wanted at ``now``: pass the time its batch would end to drop jobs that would be answered late."""
         return not self.future.done() and (self.deadline is None or now < self.deadline)
 
 
@@ -43,8 +44,9 @@ class MicroBatcher:
     batches fill without waiting.
 
     At most ``max_queue`` items wait (one job is always let in, however large): beyond that :meth:`submit`
-    raises :class:`QueueFull` at once, so overload costs a refusal, not a forward pass nobody waits for.
-    Jobs whose future was cancelled (the client left) or whose deadline passed are dropped unrun.
+    raises :class:`QueueFull` at once, so overload costs a refusal, not a forward pass nobody waits for. So
+    does a job with a deadline the queue ahead of it cannot meet, at the recent speed. Jobs whose future was
+    cancelled (the client left) or whose deadline falls before their batch would end are dropped unrun.
     """
 
     def __init__(self, run: Callable[[Hashable, list], list], max_batch: int, max_wait_s: float, max_queue: int | None = None):
@@ -56,7 +58,8 @@ class MicroBatcher:
         self.waiting = 0
         """Items submitted and not yet taken into a batch (nor dropped)."""
         self.dropped = 0
-        self._seconds_per_item = 0.0  # recent cost of one item, for Retry-After
+        self._item_s = 0.0  # recent cost of one item in a full batch, and of one batch: wait estimates
+        self._batch_s = 0.0
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loratune-infer")
         self._task: asyncio.Task | None = None
@@ -71,7 +74,11 @@ class MicroBatcher:
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue has likely drained, at the recent speed (at least 1)."""
-        return max(1, math.ceil(self.waiting * self._seconds_per_item))
+        return max(1, math.ceil(self.waiting * self._item_s))
+
+    def _expected_end(self, items: int) -> float:
+        """When a job of ``items`` submitted now would likely be answered (time.monotonic())."""
+        return time.monotonic() + (self.waiting + items) * self._item_s + self._batch_s
 
     async def submit(self, key: Hashable, items: list, deadline: float | None = None) -> tuple[list, int]:
         """Results for ``items`` (in order) and the size of the batch that computed them.
@@ -83,6 +90,8 @@ class MicroBatcher:
             raise ShuttingDown
         if self.max_queue is not None and self.waiting and self.waiting + len(items) > self.max_queue:
             raise QueueFull
+        if deadline is not None and self._expected_end(len(items)) > deadline:
+            raise QueueFull  # it would be computed for a client that has given up by then
         job = _Job(key, list(items), asyncio.get_running_loop().create_future(), deadline)
         self.waiting += len(job.items)
         job.future.add_done_callback(lambda _f: self._dequeue(job))  # a cancelled job frees its room at once
@@ -144,7 +153,7 @@ class MicroBatcher:
     def _take(self, pending: deque[_Job]) -> list[_Job]:
         """The first live job plus later ones with its key, up to max_batch items; dead jobs are dropped here,
         before any forward pass, and the rest stay queued in order."""
-        now = time.monotonic()
+        now = time.monotonic() + self._batch_s  # when this batch will likely end
         batch: list[_Job] = []
         size, keep = 0, deque()
         while pending:
@@ -182,7 +191,10 @@ class MicroBatcher:
                     job.future.set_exception(exc)
             return
         self.batches += 1
-        self._seconds_per_item = (time.perf_counter() - started) / len(items)
+        seconds = time.perf_counter() - started
+        self._batch_s = 0.7 * self._batch_s + 0.3 * seconds if self._batch_s else seconds
+        if len(items) >= self.max_batch or not self._item_s:  # a partial batch says little about the cost per item
+            self._item_s = 0.7 * self._item_s + 0.3 * seconds / len(items) if self._item_s else seconds / len(items)
         start = 0
         for job in batch:
             if not job.future.done():
