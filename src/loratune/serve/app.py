@@ -68,7 +68,7 @@ def create_app(
     app = FastAPI(
         title="loratune",
         version=_version(),
-        lifespan=_lifespan(load, max_wait_ms / 1000, max_queue, on_load_error),
+        lifespan=_lifespan(load, max_wait_ms / 1000, max_queue, default_mode, on_load_error),
         dependencies=[Depends(_known_query_only)],
         description='Classify text with LoRA adapters trained by loratune. Errors are `{"error": {"code", "message"}}`.',
     )
@@ -90,7 +90,7 @@ def create_app(
     return app
 
 
-def _lifespan(load, max_wait_s: float, max_queue: int | None, on_load_error):
+def _lifespan(load, max_wait_s: float, max_queue: int | None, mode: str, on_load_error):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         loop = asyncio.get_running_loop()
@@ -117,7 +117,7 @@ def _lifespan(load, max_wait_s: float, max_queue: int | None, on_load_error):
                 on_load_error(exc)
 
         # A daemon thread: stopping the server during a long load need not wait for it.
-        threading.Thread(target=_load_in_background, args=(load, loop, loaded, failed), name="loratune-load", daemon=True).start()
+        threading.Thread(target=_load_in_background, args=(load, mode, loop, loaded, failed), name="loratune-load", daemon=True).start()
         try:
             yield
         finally:
@@ -128,10 +128,11 @@ def _lifespan(load, max_wait_s: float, max_queue: int | None, on_load_error):
     return lifespan
 
 
-def _load_in_background(load, loop: asyncio.AbstractEventLoop, loaded, failed) -> None:
+def _load_in_background(load, mode: str, loop: asyncio.AbstractEventLoop, loaded, failed) -> None:
     started = time.perf_counter()
     try:
         pool = load()
+        pool.warm_up(mode)  # before /readyz says 200
     except Exception as exc:
         outcome: tuple = (failed, exc)
     else:

@@ -53,6 +53,12 @@ class ModelPool:
     def batch_size(self) -> int:
         return min(c.batch_size for c in self.classifiers.values())
 
+    def warm_up(self, mode: str) -> None:
+        """One tiny forward pass per adapter: the first pass of a fresh process is slow (lazy imports, allocator
+        warm-up), and it should not land on the first client's request."""
+        for name in self.classifiers:
+            self.predict(name, ["warm-up"], mode)
+
     def predict(self, name: str, texts: list[str], mode: str, progress=None) -> list[Prediction]:
         if self._peft_model is not None:
             self._peft_model.set_adapter(name)  # a batch holds one adapter's requests only
