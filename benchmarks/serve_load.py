@@ -4,7 +4,8 @@
     python -m benchmarks.serve_load --adapter outputs/lora/final --seconds 10 --out benchmarks/results/serve_load.json
 
 What it does, against a real ``python -m loratune serve`` subprocess on 127.0.0.1 (never another host):
-1. capacity: closed loop, 2 x batch-size clients on kept-alive connections, one ticket per request: answers/s.
+1. capacity: closed loop, max(2 x batch size, max queue) clients on kept-alive connections, one ticket per
+   request: answers/s with full batches.
 2. latency: sequential requests on one kept-alive connection vs a fresh connection each (medians, p90).
 3. overload: open loop at ``--factor`` x capacity for ``--seconds``, a fresh connection per request, each
    client giving up after ``--timeout`` s (and saying so in ``X-Timeout-Ms``). Goodput: answers within the
@@ -228,21 +229,36 @@ class OpenLoop:
         return round(times[min(len(times) - 1, int(0.99 * len(times)))], 1) if times else None
 
 
-async def overload(server: Server, rate: float, seconds: float, timeout_s: float) -> tuple[OpenLoop, float]:
-    """The open loop, sampling the server's RSS; (the loop, peak RSS in MiB)."""
+async def overload(server: Server, rate: float, seconds: float, timeout_s: float) -> tuple[OpenLoop, float, float]:
+    """The open loop, sampling the server's RSS and this client's own event-loop lag.
+
+    (the loop, peak RSS in MiB, p99 lag in ms: how late a 50 ms sleep of the client wakes up; when large, the
+    client, not the server, is what the machine starves)."""
     loop_ = OpenLoop(server.port, rate, seconds, timeout_s)
-    peak = server.rss_mb()
+    peak, lags = server.rss_mb(), []
 
     async def sample():
         nonlocal peak
         while True:
             peak = max(peak, server.rss_mb())
-            await asyncio.sleep(0.2)
+            started = time.perf_counter()
+            await asyncio.sleep(0.05)
+            lags.append(1000 * (time.perf_counter() - started - 0.05))
 
     sampler = asyncio.ensure_future(sample())
     await loop_.run()
     sampler.cancel()
-    return loop_, peak
+    return loop_, peak, round(sorted(lags)[int(0.99 * (len(lags) - 1))], 1)
+
+
+def server_latencies(lines: list[str], since: int) -> dict:
+    """p50/p99 of the server's own latency_ms (ASGI call to response, from its access log) per status."""
+    rows = [json.loads(x) for x in lines[since:] if x.startswith('{"ts"') and '"/v1/classify"' in x]
+    out = {}
+    for status in sorted({r["status"] for r in rows}):
+        ms = sorted(r["latency_ms"] for r in rows if r["status"] == status)
+        out[str(status)] = {"n": len(ms), "p50_ms": ms[len(ms) // 2], "p99_ms": ms[int(0.99 * (len(ms) - 1))]}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,12 +298,14 @@ def measure(adapter: Path, args) -> dict:
     server = Server(adapter, args.max_queue, args.batch_size)
     try:
         asyncio.run(capacity(server.port, 4, 1.0))  # warm-up
-        cap = asyncio.run(capacity(server.port, 2 * args.batch_size, args.seconds))
+        # Enough clients to keep the queue full, so batches are full: fewer would measure latency, not capacity.
+        cap = asyncio.run(capacity(server.port, max(2 * args.batch_size, args.max_queue), args.seconds))
         report["capacity_rps"] = round(cap, 1)
         report.update(asyncio.run(latency(server.port, 50)))
         report["rss_before_mb"] = round(server.rss_mb(), 1)
         rate = args.factor * cap
-        loop_, peak = asyncio.run(overload(server, rate, args.seconds, args.timeout))
+        since = len(server.lines)
+        loop_, peak, lag = asyncio.run(overload(server, rate, args.seconds, args.timeout))
         report["rss_peak_mb"], report["rss_after_mb"] = round(peak, 1), round(server.rss_mb(), 1)
         ok = loop_.count("200")
         report["overload"] = {
@@ -299,6 +317,8 @@ def measure(adapter: Path, args) -> dict:
             "p99_ms_200": loop_.p99_ms("200"),
             "p99_ms_503": loop_.p99_ms("503"),
             "server_stats": server.stats(),
+            "server_side_latency": server_latencies(server.lines, since),
+            "client_loop_lag_p99_ms": lag,
         }
     finally:
         server.stop()
