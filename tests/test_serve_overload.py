@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import threading
 import time
@@ -161,9 +162,9 @@ def test_expired_deadline_is_dropped_before_the_forward_pass(classifier, recorde
     assert stats_after(app)["dropped"] == 1
 
 
-def test_disconnected_client_work_is_dropped_and_frees_its_room(classifier, recorder):
+def test_disconnected_client_work_is_dropped_and_frees_its_room(classifier, recorder, caplog):
     app = create_app(lambda: ModelPool({"a": classifier}), max_wait_ms=0, max_queue=8)
-    with serving(app) as (url, _), ThreadPoolExecutor(4) as pool:
+    with caplog.at_level(logging.INFO, logger="loratune.serve"), serving(app) as (url, _), ThreadPoolExecutor(4) as pool:
         with held_worker(url, recorder, pool):
             with pytest.raises(httpx.ReadTimeout):
                 post(url, ["gone victim"] * 3, timeout=0.5)  # httpx closes the connection on timeout
@@ -171,6 +172,9 @@ def test_disconnected_client_work_is_dropped_and_frees_its_room(classifier, reco
             assert stats(url)["in_flight"] == 1  # only the request holding the worker
     assert "gone victim" not in recorder.seen
     assert stats_after(app)["dropped"] == 1
+    # The access log says the client left (499), not that the server failed (500).
+    statuses = [json.loads(r.getMessage())["status"] for r in caplog.records if '"/v1/classify"' in r.getMessage()]
+    assert sorted(statuses) == [200, 499], statuses
 
 
 def test_batcher_drops_expired_and_cancelled_jobs_unrun():

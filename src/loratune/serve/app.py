@@ -260,7 +260,7 @@ async def _answer(state, batcher: MicroBatcher, key: Hashable, texts: list[str],
         gone.cancel()
         if not work.done():
             work.cancel()  # cancels the job's future: the batcher skips it
-    if work.cancelled():
+    if not work.done() or work.cancelled():  # a cancelled task is done only once the loop has run it again
         # nginx's "client closed request": nobody reads it, but the access log says what happened.
         raise ApiError(499, "client_closed_request", "the client closed the connection before the answer")
     try:
