@@ -361,6 +361,8 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most texts accepted in one request.")] = None,
     max_wait_ms: Annotated[Optional[float], typer.Option(
         "--max-wait-ms", help="How long a request waits for others to share its forward pass.")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        "--max-queue", help="Most texts waiting for a forward pass; beyond it: 503 with Retry-After.")] = None,
     sets: opt.SetOpt = None,
 ):
     """Serve adapters over HTTP (FastAPI): POST /v1/classify, GET /v1/labels, /healthz, /readyz, docs at /docs."""
@@ -368,7 +370,8 @@ def serve(
 
     cfg = _config(config, sets, **{"model.name": model, "predict.mode": mode, "predict.batch_size": batch_size,
                                    "serve.host": host, "serve.port": port, "serve.max_chars": max_chars,
-                                   "serve.max_batch": max_batch, "serve.max_wait_ms": max_wait_ms})
+                                   "serve.max_batch": max_batch, "serve.max_wait_ms": max_wait_ms,
+                                   "serve.max_queue": max_queue})
     validate(cfg)
     adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
     quiet_libraries()

@@ -136,11 +136,15 @@ class ServeConfig:
     """Interface to listen on; 127.0.0.1 keeps the server local, 0.0.0.0 exposes it to the network."""
     port: int = 8000
     max_chars: int = 4000
-    """Longest text accepted, in characters (longer: 413)."""
+    """Longest text accepted, in characters after JSON decoding (longer: 422)."""
     max_batch: int = 64
-    """Most texts accepted in one request (more: 413)."""
+    """Most texts accepted in one request (more: 422)."""
     max_wait_ms: float = 5.0
     """How long a request waits for others to share its forward pass (micro-batching)."""
+    max_queue: int = 256
+    """Most texts waiting for a forward pass; beyond it requests get a fast 503 with Retry-After."""
+    read_timeout_s: float = 15.0
+    """A request's headers and body must arrive within this many seconds of its first byte (else 408, closed)."""
 
 
 @dataclass
@@ -294,6 +298,10 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"predict.min_confidence must be in [0, 1] (got {cfg.predict.min_confidence})")
     if cfg.predict.min_confidence is not None and not cfg.predict.fallback_label:
         problems.append("predict.min_confidence needs predict.fallback_label (the label an abstained prediction gets)")
+    if cfg.serve.max_queue < 1:
+        problems.append(f"serve.max_queue must be >= 1 (got {cfg.serve.max_queue})")
+    if not 0 < cfg.serve.read_timeout_s <= 3600:  # also refuses nan
+        problems.append(f"serve.read_timeout_s must be in (0, 3600] seconds (got {cfg.serve.read_timeout_s})")
     if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
         problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
     if training:

@@ -1,0 +1,357 @@
+"""Load test of ``loratune serve`` on loopback: capacity, 4x overload, keep-alive latency, SIGTERM under load.
+
+    python -m benchmarks.serve_load                          # trains a tiny adapter first (~1 min), ~1 min of load
+    python -m benchmarks.serve_load --adapter outputs/lora/final --seconds 10 --out benchmarks/results/serve_load.json
+
+What it does, against a real ``python -m loratune serve`` subprocess on 127.0.0.1 (never another host):
+1. capacity: closed loop, max(2 x batch size, max queue) clients on kept-alive connections, one ticket per
+   request: answers/s with full batches.
+2. latency: sequential requests on one kept-alive connection vs a fresh connection each (medians, p90).
+3. overload: open loop at ``--factor`` x capacity for ``--seconds``, a fresh connection per request, each
+   client giving up after ``--timeout`` s (and saying so in ``X-Timeout-Ms``). Goodput: answers within the
+   timeout per second, as % of capacity; the latency of 503s; server RSS before, peak, after.
+4. SIGTERM under load: the same open loop, SIGTERM half-way: every request must end answered (200), refused
+   (503, or a connection the closed listener refused) or cut, none left hanging past the timeout.
+
+The load generator is raw asyncio sockets (a few µs per request), but it shares the machine's cores with the
+server: on a small machine the measured capacity is the server's with this client beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+HOST = "127.0.0.1"  # loopback only: this script never loads another machine
+TEXTS = [
+    "I was charged twice for my subscription this month.",
+    "The app crashes every time I open the settings page.",
+    "I can't log in after resetting my password.",
+    "Where is my parcel? Tracking hasn't moved in a week.",
+    "Do you have a store in Leeds?",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# A minimal HTTP/1.1 client: cheaper than any library, so the server, not the client, is what gets measured.
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        return cls(*await asyncio.open_connection(HOST, port))
+
+    async def call(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> int:
+        """Send one request, read the whole response; its status."""
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0)
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def classify_body(i: int) -> bytes:
+    return json.dumps({"text": TEXTS[i % len(TEXTS)]}).encode()
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+# --------------------------------------------------------------------------------------------------
+# The server under test.
+
+
+class Server:
+    def __init__(self, adapter: Path, max_queue: int, batch_size: int):
+        cmd = [sys.executable, "-m", "loratune", "serve", "--adapter", str(adapter), "--host", HOST, "--port", "0"]
+        cmd += ["--max-queue", str(max_queue), "--batch-size", str(batch_size)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        self.port = self._wait_ready()
+        self.ps = psutil.Process(self.proc.pid)
+
+    def _wait_ready(self, limit_s: float = 300) -> int:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if any('"event": "ready"' in x for x in list(self.lines)):
+                url = next(json.loads(x)["url"] for x in self.lines if '"event": "listening"' in x)
+                return int(url.rsplit(":", 1)[1])
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit("the server did not become ready:\n" + "".join(self.lines[-20:]))
+
+    def rss_mb(self) -> float:
+        return self.ps.memory_info().rss / 2**20
+
+    def stats(self) -> dict:
+        async def get():
+            conn = await Connection.open(self.port)
+            conn.writer.write(f"GET /v1/stats HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            head = await conn.reader.readuntil(b"\r\n\r\n")
+            length = int(next(x for x in head.lower().split(b"\r\n") if x.startswith(b"content-length:")).split(b":")[1])
+            body = await conn.reader.readexactly(length)
+            conn.close()
+            return json.loads(body)
+
+        return asyncio.run(get())
+
+    def stop(self, wait_s: float = 60) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Phases.
+
+
+async def capacity(port: int, clients: int, seconds: float) -> float:
+    """Answers per second with ``clients`` closed-loop clients, each on its own kept-alive connection."""
+    done = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client(k: int) -> None:
+        nonlocal done
+        conn = await Connection.open(port)
+        i = k
+        while time.monotonic() < stop_at:
+            if await conn.call("POST", "/v1/classify", classify_body(i), JSON) == 200:
+                done += 1
+            i += clients
+        conn.close()
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    return done / (time.monotonic() - started)
+
+
+async def latency(port: int, n: int) -> dict:
+    """Sequential requests, one at a time: on one kept-alive connection vs a fresh connection each (ms)."""
+    result = {}
+    for name, method, path, body in (("healthz", "GET", "/healthz", b""), ("classify", "POST", "/v1/classify", classify_body(0))):
+        kept = await Connection.open(port)
+        await kept.call(method, path, body, JSON)  # the connection's first request is not a kept-alive one
+        for label in ("keepalive", "fresh"):
+            times = []
+            for _ in range(n):
+                started = time.perf_counter()
+                conn = kept if label == "keepalive" else await Connection.open(port)
+                assert await conn.call(method, path, body, JSON) == 200
+                times.append(1000 * (time.perf_counter() - started))
+                if conn is not kept:
+                    conn.close()
+            result[f"{name}_{label}_p50_ms"] = round(statistics.median(times), 2)
+            result[f"{name}_{label}_p90_ms"] = round(statistics.quantiles(times, n=10)[-1], 2)
+        kept.close()
+    return result
+
+
+@dataclass
+class Outcome:
+    kind: str  # "200", "503", other status, "timeout", "refused", "reset"
+    ms: float
+
+
+@dataclass
+class OpenLoop:
+    port: int
+    rate: float
+    seconds: float
+    timeout_s: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    async def one(self, i: int) -> None:
+        started = time.perf_counter()
+        headers = {**JSON, "X-Timeout-Ms": str(int(self.timeout_s * 1000))}
+        conn = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                conn = await Connection.open(self.port)
+                kind = str(await conn.call("POST", "/v1/classify", classify_body(i), headers))
+        except TimeoutError:
+            kind = "timeout"
+        except ConnectionRefusedError:
+            kind = "refused"
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+            kind = "reset"
+        finally:
+            if conn is not None:
+                conn.close()
+        self.outcomes.append(Outcome(kind, 1000 * (time.perf_counter() - started)))
+
+    async def run(self, at_s: float | None = None, action=None) -> None:
+        """Start requests at ``rate`` per second for ``seconds``; ``action()`` once ``at_s`` seconds in."""
+        tasks, started, i = [], time.monotonic(), 0
+        while (elapsed := time.monotonic() - started) < self.seconds:
+            if action is not None and at_s is not None and elapsed >= at_s:
+                action()
+                action = None
+            due = int(elapsed * self.rate) + 1
+            while i < due:
+                tasks.append(asyncio.ensure_future(self.one(i)))
+                i += 1
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)  # each ends within timeout_s
+
+    def count(self, kind: str) -> int:
+        return sum(o.kind == kind for o in self.outcomes)
+
+    def p99_ms(self, kind: str) -> float | None:
+        times = sorted(o.ms for o in self.outcomes if o.kind == kind)
+        return round(times[min(len(times) - 1, int(0.99 * len(times)))], 1) if times else None
+
+
+async def overload(server: Server, rate: float, seconds: float, timeout_s: float) -> tuple[OpenLoop, float, float]:
+    """The open loop, sampling the server's RSS and this client's own event-loop lag.
+
+    (the loop, peak RSS in MiB, p99 lag in ms: how late a 50 ms sleep of the client wakes up; when large, the
+    client, not the server, is what the machine starves)."""
+    loop_ = OpenLoop(server.port, rate, seconds, timeout_s)
+    peak, lags = server.rss_mb(), []
+
+    async def sample():
+        nonlocal peak
+        while True:
+            peak = max(peak, server.rss_mb())
+            started = time.perf_counter()
+            await asyncio.sleep(0.05)
+            lags.append(1000 * (time.perf_counter() - started - 0.05))
+
+    sampler = asyncio.ensure_future(sample())
+    await loop_.run()
+    sampler.cancel()
+    return loop_, peak, round(sorted(lags)[int(0.99 * (len(lags) - 1))], 1)
+
+
+def server_latencies(lines: list[str], since: int) -> dict:
+    """p50/p99 of the server's own latency_ms (ASGI call to response, from its access log) per status."""
+    rows = [json.loads(x) for x in lines[since:] if x.startswith('{"ts"') and '"/v1/classify"' in x]
+    out = {}
+    for status in sorted({r["status"] for r in rows}):
+        ms = sorted(r["latency_ms"] for r in rows if r["status"] == status)
+        out[str(status)] = {"n": len(ms), "p50_ms": ms[len(ms) // 2], "p99_ms": ms[int(0.99 * (len(ms) - 1))]}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def train_tiny_adapter(out: Path) -> Path:
+    print(f"training a tiny adapter in {out} ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "loratune", "train", "--model", "tiny", "--max-steps", "4", "--output-dir", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out / "final"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", type=Path, help="adapter to serve (default: train a tiny one)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of the capacity and overload phases")
+    parser.add_argument("--factor", type=float, default=4.0, help="overload rate, in multiples of the capacity")
+    parser.add_argument("--timeout", type=float, default=5.0, help="client timeout in the overload phases, s")
+    parser.add_argument("--max-queue", type=int, default=256, help="the server's --max-queue")
+    parser.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size")
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = args.adapter or train_tiny_adapter(Path(tmp) / "run")
+        report = {"args": {k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+        report.update(measure(adapter, args))
+    report["load_avg_end"] = os.getloadavg()
+    print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def measure(adapter: Path, args) -> dict:
+    report: dict = {}
+    server = Server(adapter, args.max_queue, args.batch_size)
+    try:
+        asyncio.run(capacity(server.port, 4, 1.0))  # warm-up
+        # Enough clients to keep the queue full, so batches are full: fewer would measure latency, not capacity.
+        cap = asyncio.run(capacity(server.port, max(2 * args.batch_size, args.max_queue), args.seconds))
+        report["capacity_rps"] = round(cap, 1)
+        report.update(asyncio.run(latency(server.port, 50)))
+        report["rss_before_mb"] = round(server.rss_mb(), 1)
+        rate = args.factor * cap
+        since = len(server.lines)
+        loop_, peak, lag = asyncio.run(overload(server, rate, args.seconds, args.timeout))
+        report["rss_peak_mb"], report["rss_after_mb"] = round(peak, 1), round(server.rss_mb(), 1)
+        ok = loop_.count("200")
+        report["overload"] = {
+            "offered_rps": round(rate, 1),
+            "requests": len(loop_.outcomes),
+            "outcomes": {k: loop_.count(k) for k in sorted({o.kind for o in loop_.outcomes})},
+            "goodput_rps": round(ok / args.seconds, 1),
+            "goodput_pct_of_capacity": round(100 * ok / args.seconds / cap, 1),
+            "p99_ms_200": loop_.p99_ms("200"),
+            "p99_ms_503": loop_.p99_ms("503"),
+            "server_stats": server.stats(),
+            "server_side_latency": server_latencies(server.lines, since),
+            "client_loop_lag_p99_ms": lag,
+        }
+    finally:
+        server.stop()
+    report["sigterm"] = sigterm_under_load(adapter, args, report.get("capacity_rps", 10.0))
+    return report
+
+
+def sigterm_under_load(adapter: Path, args, cap: float) -> dict:
+    """Open loop at factor x capacity for 4 s on a fresh server, SIGTERM after 2 s: how every request ended."""
+    server = Server(adapter, args.max_queue, args.batch_size)
+    loop_ = OpenLoop(server.port, args.factor * cap, 4.0, max(args.timeout, 40.0))  # > the 30 s graceful drain
+    sent_at = []
+
+    def terminate():
+        sent_at.append(time.monotonic())
+        server.proc.send_signal(signal.SIGTERM)
+
+    asyncio.run(loop_.run(at_s=2.0, action=terminate))
+    code = server.stop()
+    outcomes = {k: loop_.count(k) for k in sorted({o.kind for o in loop_.outcomes})}
+    return {
+        "requests": len(loop_.outcomes),
+        "outcomes": outcomes,
+        "hung": outcomes.get("timeout", 0),
+        "exit_code": code,
+        "answered_after_sigterm": sum('"/v1/classify"' in x and '"status": 200' in x for x in _after(server.lines, "Shutting down")),
+    }
+
+
+def _after(lines: list[str], marker: str) -> list[str]:
+    at = next((i for i, x in enumerate(lines) if marker in x), len(lines))
+    return lines[at:]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""HTTP server for trained adapters.
+
+    loratune serve --adapter outputs/lora/final                          # http://127.0.0.1:8000/docs
+    loratune serve --adapter billing=runs/a/final --adapter triage=runs/b/final   # two adapters, one base
+
+Requests are answered by a :class:`~loratune.predict.Classifier`. Concurrent requests are gathered into
+micro-batches (up to ``predict.batch_size`` texts, or whatever arrived within ``max_wait_ms``), and each batch
+is one forward pass in ONE worker thread, so the event loop stays free and only one copy of the model is in
+memory. Several adapters share one base model through PEFT's multi-adapter API; a batch never mixes adapters.
+The model loads in the background: ``/healthz`` answers at once, ``/readyz`` says 503 until it is loaded.
+Under overload the queue is bounded (``serve.max_queue`` texts): beyond it requests get a fast 503 with
+``Retry-After``, and work whose client left or whose ``X-Timeout-Ms`` passed is dropped before its forward pass.
+
+Modules: ``app`` (FastAPI routes), ``batcher`` (bounded micro-batching), ``schemas`` (bodies and errors),
+``middleware`` (access log, API key, load shedding, body limit), ``pool`` (adapters over one base),
+``protocol`` (uvicorn h11 with read timeouts and TCP_NODELAY), ``run`` (the ``loratune serve`` command).
+"""
+
+from .app import create_app
+from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
+from .pool import ModelPool, check_adapters, load_pool, parse_adapter_specs
+from .run import listen, pool_loader, run, server_config
+
+__all__ = [
+    "DeadlineExceeded",
+    "MicroBatcher",
+    "ModelPool",
+    "QueueFull",
+    "ShuttingDown",
+    "check_adapters",
+    "create_app",
+    "listen",
+    "load_pool",
+    "parse_adapter_specs",
+    "pool_loader",
+    "run",
+    "server_config",
+]

@@ -1,0 +1,101 @@
+"""uvicorn's h11 protocol with what a server facing overload needs: read timeouts, TCP_NODELAY, JSON 400s.
+
+uvicorn (0.54) waits forever for a request's headers and body: a client that connects and trickles bytes holds
+its connection, and its memory, for as long as it likes. Here a request must arrive whole within
+``read_timeout_s`` of its first byte (of the connection, for the first request); after that the connection is
+answered 408 (when the client sent something) and closed.
+"""
+
+import socket
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .schemas import error_json
+
+
+def set_nodelay(sock) -> None:
+    """Send small writes at once. Without it Nagle's algorithm holds a keep-alive response back until the
+    client's delayed ACK (~40 ms on Linux): asyncio sets it only for sockets created with IPPROTO_TCP."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # a socket closed in the meantime needs no option
+
+
+def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
+    """A complete HTTP/1.1 error response with a JSON body, for answers sent outside any request cycle."""
+    body = error_json({"error": {"code": code, "message": message}})
+    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    return head.encode("ascii") + body
+
+
+class TimedH11Protocol(H11Protocol):
+    """One connection. Subclass with :func:`protocol_class` to set ``read_timeout_s``."""
+
+    read_timeout_s: float = 15.0
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        set_nodelay(transport.get_extra_info("socket"))
+        self._read_timer = None
+        self._arm()  # a connection that never sends a whole request is closed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track_reading()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track_reading()
+
+    def _track_reading(self) -> None:
+        """Time the request being read now: from its first byte until its body is complete."""
+        state = self.conn.their_state
+        if state is h11.SEND_BODY or (state is h11.IDLE and self.conn.trailing_data[0]):
+            if self._read_timer is None:
+                self._arm()
+        elif state is not h11.IDLE:
+            self._disarm()  # read whole (or the connection is ending): the app's time is not the client's
+
+    def _arm(self) -> None:
+        self._read_timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timed_out(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        state = self.conn.their_state
+        headers_pending = state is h11.IDLE and self.conn.trailing_data[0]
+        body_pending = state is h11.SEND_BODY and self.cycle is not None and not self.cycle.response_started
+        if headers_pending or body_pending:
+            message = f"the request did not arrive whole within {self.read_timeout_s:g} s"
+            self.transport.write(raw_error(408, "Request Timeout", "request_timeout", message))
+        self.transport.close()  # the app, if it was reading the body, sees a disconnect
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn sends for a request h11 cannot parse, as the same JSON error body as every other error."""
+        message = "invalid HTTP request (malformed request line or headers, or headers over 16 KiB)"
+        body = error_json({"error": {"code": "bad_request", "message": message}})
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:
+            pass  # a response was already under way: closing is all that is left
+        self.transport.close()
+
+
+def protocol_class(read_timeout_s: float) -> type[TimedH11Protocol]:
+    """The protocol class to give uvicorn (``uvicorn.Config(http=...)``) for this read timeout."""
+    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": read_timeout_s})
