@@ -76,9 +76,9 @@ def test_gradient_checkpointing_trains_with_peft(tiny_t5, small_data, tmp_path):
 def test_divergence_stops_with_a_clear_message():
     from types import SimpleNamespace
 
-    from loratune.train import DivergenceGuard, TrainingDiverged
+    from loratune.guards import NonFiniteGuard, TrainingDiverged
 
-    guard = DivergenceGuard()
+    guard = NonFiniteGuard()
     guard.on_log(SimpleNamespace(fp16=True), SimpleNamespace(global_step=3), None, logs={"loss": 1.5})
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3 .*fp16"):
         guard.on_log(SimpleNamespace(fp16=True), SimpleNamespace(global_step=3), None, logs={"loss": float("nan")})

@@ -580,7 +580,7 @@ def main() -> None:
         app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, Traini
 from transformers.trainer_callback import ExportableState, PrinterCallback
 
 from .atomic import replace_dir, temp_dir_beside
+from .checkpoints import AtomicCheckpoints, discard_checkpoints, disk_full_as_error, latest_checkpoint, prepare_output_dir, space_needed
 from .config import Config, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
+from .guards import FiniteLossStep, NonFiniteGuard, TrainingDiverged  # noqa: F401 (TrainingDiverged: re-exported)
 from .models import META_FILE, attach_lora, count_parameters, load_base, resolve_model_name
 from .predict import (
     MAX_SCORED_LABELS,
@@ -56,10 +58,6 @@ from .tokenize import collator_for_family, encode_for_family, render_causal_prom
 FINAL = "final"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
-
-
-class TrainingDiverged(LoratuneError):
-    """Loss became NaN/inf: the weights are garbage and nothing is saved."""
 
 
 @dataclass
@@ -82,11 +80,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
                             f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})")
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
-    _check_output_dir(out, ckpt_dir, resume, overwrite)
-
     set_seed(cfg.train.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     say = echo if rank0 else (lambda *a, **k: None)
+    resume_from = prepare_output_dir(out, ckpt_dir, resume, overwrite, say)  # crash leftovers cleaned here
 
     # 1. Model: base weights frozen, LoRA on the attention projections (encoders: plus a new, fully trained
     #    classification head).
@@ -141,7 +138,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     args = _training_args(cfg, ckpt_dir, precision, device)
     best = BestAdapter(str(ckpt_dir / BEST), _selection_metric(cfg))
     stop = InterruptToCheckpoint()
-    callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
+    callbacks = [NonFiniteGuard(), best, stop, ProgressBar(say)]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     trainer = ClassifierTrainer(
@@ -155,8 +152,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     trainer.family, trainer.chat_template = base.family, chat_template
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
-    with stop.installed():
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    # A full disk (checkpoint, best/ or final/) ends in one sentence; the last complete checkpoint stays resumable.
+    disk_full = disk_full_as_error(out, lambda: space_needed(ckpt_dir, model), lambda: latest_checkpoint(ckpt_dir) is not None)
+    with stop.installed(), disk_full:
+        result = trainer.train(resume_from_checkpoint=resume_from)
     # On resume the Trainer rebuilds stateful callbacks from the checkpoint: use the live instance.
     best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BestAdapter))
     if stop.requested:
@@ -183,8 +182,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
             meta["prompt"]["model_input_example"] = render_causal_prompt(tokenizer, meta["prompt"]["template_example"],
                                                                          chat_template)
         meta["lora_modules_to_save"] = saved_modules
-        _write_final(ckpt_dir / BEST, final, meta, tokenizer)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
+        with disk_full_as_error(final, lambda: space_needed(ckpt_dir, model), lambda: True):
+            _write_final(ckpt_dir / BEST, final, meta, tokenizer)
+        discard_checkpoints(out, ckpt_dir)  # a finished run has nothing left to resume
     say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
         f"{metrics['train_samples_per_second'] or 0:.1f} samples/s; adapter: {final}")
     return TrainResult(final, metrics)
@@ -192,19 +192,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
 # --------------------------------------------------------------------------------------------------
 # Helpers, in the order the recipe uses them.
-
-def _check_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
-    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
-    if resume and not has_ckpt:
-        raise LoratuneError(f"--resume: no checkpoint in {ckpt_dir} to continue from")
-    if has_ckpt and not resume and not overwrite and int(os.environ.get("RANK", "0")) == 0:
-        raise LoratuneError(
-            f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
-            f"or --overwrite to start over"
-        )
-    if overwrite and not resume and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-
 
 def _precision(requested: str, device) -> str:
     if requested != "auto":
@@ -259,7 +246,7 @@ def _selection_metric(cfg: Config) -> str:
     return "micro_f1" if cfg.data.multi_label else "accuracy"
 
 
-class ClassifierTrainer(Trainer):
+class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
     """HF Trainer whose evaluation adds end-to-end label accuracy (score mode, never teacher-forced tokens).
 
     Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.
@@ -388,15 +375,6 @@ class InterruptToCheckpoint(TrainerCallback):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
-
-
-class DivergenceGuard(TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            hint = " (T5 overflows in fp16: use --set train.precision=bf16 or fp32)" if args.fp16 else ""
-            raise TrainingDiverged(f"training diverged: loss is {loss} at step {state.global_step}{hint}; "
-                                   f"nothing was saved as final")
 
 
 class ProgressBar(TrainerCallback):
