@@ -579,8 +579,16 @@ def main() -> None:
     try:
         app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
     except LoratuneError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar cut off by an error, so the error gets a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 if __name__ == "__main__":
