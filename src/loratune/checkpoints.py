@@ -142,6 +142,7 @@ def prepare_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool,
     if out.exists() and not out.is_dir():
         raise LoratuneError(f"--output-dir {out} is a file, not a directory")
     if rank0:
+        _check_writable(out)
         removed = clean_leftovers(out, ckpt_dir)
         if removed:
             say(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(Path(p).name for p in removed)}")
@@ -159,6 +160,17 @@ def prepare_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool,
     if overwrite and rank0:
         _remove(ckpt_dir)
     return None
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before any training if OUTPUT_DIR cannot be created or written (a file on its path, read-only, ...)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise LoratuneError(f"--output-dir {out} is not a writable directory ({exc.strerror or exc})") from None
 
 
 def discard_checkpoints(out: Path, ckpt_dir: Path) -> None:

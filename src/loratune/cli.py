@@ -160,6 +160,12 @@ def _read_inputs(text: str | None, input_path: Path | None, cfg: Config) -> list
     if text is not None and input_path is not None:
         raise LoratuneError("give either a TEXT argument or --input FILE, not both")
     if text is not None and text != "-":
+        if not text.strip():
+            raise LoratuneError("TEXT is empty: give the text to classify (or '-' to read lines from stdin)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoratuneError("TEXT is not valid text (undecodable bytes or a lone surrogate); pass UTF-8") from None
         return [text]
     if input_path is None:
         if sys.stdin.isatty() and text != "-":
@@ -189,6 +195,9 @@ def predict(
     validate(cfg)
     if top_k is not None and top_k < 1:
         raise LoratuneError("--top-k must be at least 1")
+    if adapter is not None and labels is not None:
+        raise LoratuneError("--labels cannot be combined with --adapter: an adapter classifies into the labels it "
+                            "was trained on (its loratune.json); drop --labels")
     texts = _read_inputs(text, input_path, cfg)
     if not texts:
         raise LoratuneError("nothing to classify: the input is empty")

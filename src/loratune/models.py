@@ -245,7 +245,10 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     # trained in full and saved with the adapter.
     config = LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules) if target_modules else None)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+        raise LoratuneError(f"lora.target_modules={','.join(target_modules or [])}: {str(exc).splitlines()[0][:200]}") from None
 
 
 def read_metadata(adapter_dir: str | Path) -> dict:
@@ -259,14 +262,19 @@ def read_metadata(adapter_dir: str | Path) -> dict:
             f"{adapter_dir} is not a complete loratune adapter (missing {', '.join(missing)}); "
             f"point --adapter at OUTPUT_DIR/final of a finished run"
         )
-    try:
-        meta = json.loads((adapter_dir / META_FILE).read_text(encoding="utf-8"))
-        json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LoratuneError(f"{adapter_dir}: corrupt adapter metadata ({exc})") from None
-    for key in ("base_model", "labels", "family", "prompt"):
-        if key not in meta:
-            raise LoratuneError(f"{adapter_dir / META_FILE}: missing key {key!r}; the adapter is incomplete")
+    for name in (META_FILE, "adapter_config.json"):
+        try:
+            value = json.loads((adapter_dir / name).read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
+            raise LoratuneError(f"{adapter_dir / name}: corrupt adapter file ({str(exc).splitlines()[0][:200]})") from None
+        if name == META_FILE:
+            meta = value
+        elif not isinstance(value, dict):
+            raise LoratuneError(f"{adapter_dir / name}: expected a JSON object (a PEFT LoRA config), got "
+                                f"{type(value).__name__}; the adapter is damaged")
+    from .adapter_meta_checks import validate_meta
+
+    validate_meta(meta, adapter_dir / META_FILE)
     return meta
 
 
@@ -296,13 +304,21 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
         model = PeftModel.from_pretrained(base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
     except (SafetensorError, RuntimeError, ValueError, OSError, KeyError) as exc:
         raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
-    # The tokenizer saved with the adapter is the one it was trained with.
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    tokenizer = _adapter_tokenizer(adapter_dir)  # the one it was trained with
     if base.family == "causal":
         prepare_causal_tokenizer(tokenizer, model)
     return LoadedModel(model, tokenizer, base.family, base_name, base.config_fingerprint), meta
+
+
+def _adapter_tokenizer(adapter_dir: Path):
+    """The tokenizer saved with an adapter; a damaged one (e.g. truncated tokenizer.json) is one sentence."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(adapter_dir))
+    except Exception as exc:  # the Rust tokenizers library raises plain Exception on a corrupt tokenizer.json
+        raise LoratuneError(f"cannot load the tokenizer saved with adapter {adapter_dir} (tokenizer.json): "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
 
 
 def check_shared_base(metas: Mapping[str, dict], base_model: str | None = None) -> None:
@@ -331,7 +347,6 @@ def load_adapters(adapter_dirs: Mapping[str, str | Path], base_model: str | None
     ``model.set_adapter(name)``. Adapters trained on different base models raise LoratuneError.
     """
     from safetensors import SafetensorError
-    from transformers import AutoTokenizer
 
     metas = {name: read_metadata(path) for name, path in adapter_dirs.items()}
     check_shared_base(metas, base_model)
@@ -343,7 +358,7 @@ def load_adapters(adapter_dirs: Mapping[str, str | Path], base_model: str | None
             model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         except (SafetensorError, RuntimeError, ValueError, OSError, KeyError) as exc:
             raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
-        tokenizers[name] = AutoTokenizer.from_pretrained(str(adapter_dir))
+        tokenizers[name] = _adapter_tokenizer(Path(adapter_dir))
     return model, {name: (tokenizers[name], metas[name]) for name in adapter_dirs}
 def _check_family(adapter_dir: Path, meta: dict, base_name: str) -> None:
     """Refuse a base of another family before loading weights (the family override the run used counts)."""
