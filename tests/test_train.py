@@ -157,7 +157,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_t5, small_data, tmp_
 def test_resume_without_checkpoint_is_a_clear_error(tiny_t5, small_data, tmp_path):
     from loratune.train import train
 
-    with pytest.raises(LoratuneError, match="no checkpoint"):
+    with pytest.raises(LoratuneError, match="no complete checkpoint"):
         train(tiny_config(tiny_t5, small_data, tmp_path), resume=True)
 
 

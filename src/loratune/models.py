@@ -266,7 +266,7 @@ def read_metadata(adapter_dir: str | Path) -> dict:
         try:
             value = json.loads((adapter_dir / name).read_text(encoding="utf-8"))
         except (ValueError, RecursionError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
-            raise LoratuneError(f"{adapter_dir / name}: corrupt adapter file ({str(exc).splitlines()[0][:200]})") from None
+            raise LoratuneError(f"{adapter_dir / name}: corrupt adapter metadata ({str(exc).splitlines()[0][:200]})") from None
         if name == META_FILE:
             meta = value
         elif not isinstance(value, dict):
