@@ -166,3 +166,33 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tin
     # Some kills cut a write in half: proof the moments include checkpoint/final writes, not only training steps.
     assert any(t["leftovers"] for t in trials), json.dumps(trials, indent=1)
     assert sum(t["then"] == "--resume" for t in trials) >= 5
+
+
+@pytest.mark.integration
+def test_a_real_full_disk_ends_in_one_sentence_and_resumes_after_space_is_freed(tiny_t5, demo_rows, tmp_path):
+    """An 800 kB tmpfs fills up at the third checkpoint (needs mount rights: root in a container; skipped otherwise)."""
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=800k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        train = write_jsonl(tmp_path / "train.jsonl", demo_rows["train"][:48])
+        val = write_jsonl(tmp_path / "val.jsonl", demo_rows["val"][:20])
+        cmd = [sys.executable, "-m", "loratune", "train", "--model", str(tiny_t5), "--train", str(train), "--val",
+               str(val), "--max-steps", "8", "--save-steps", "1", "--batch-size", "4", "--seed", "7",
+               "--set", "train.eval_steps=4", "--set", "train.early_stopping_patience=0", "--output-dir", str(mnt / "run")]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+        full = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr
+        lines = error_lines(full.stderr)
+        assert len(lines) == 1 and "disk full while writing" in lines[0] and str(mnt) in lines[0], full.stderr[-3000:]
+        assert "--resume" in lines[0] and "MB is free" in lines[0]
+        assert latest_checkpoint(mnt / "run" / "checkpoints") is not None
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)  # space freed
+        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resuming from" in resumed.stdout
+        assert (mnt / "run" / "final" / "loratune.json").is_file()
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -220,7 +220,7 @@ def disk_full_as_error(where: Path, need: Callable[[], int], resumable: Callable
         yield
     except DiskFull:
         raise
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # torch: RuntimeError, tokenizers/safetensors (Rust): plain Exception; others re-raised
         needed = need()
         if not _is_disk_full(exc, where, needed):
             raise
