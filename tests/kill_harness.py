@@ -130,8 +130,7 @@ def main() -> None:
             _, killed, _, _ = run_and_wait(argv, str(out), kill_at=plan["event"])
         ckpt = out / "checkpoints"
         left = sorted(p.name for p in [*out.glob(".*"), *ckpt.glob(".*")]) if out.exists() else []
-        partial = sorted(p.name for p in ckpt.glob("checkpoint-*")
-                         if not (p / "trainer_state.json").is_file()) if ckpt.exists() else []
+        partial = sorted(p.name for p in ckpt.glob("checkpoint-*") if not (p / "trainer_state.json").is_file()) if ckpt.exists() else []
         if not killed and (out / "final" / "loratune.json").is_file():
             how, code = "finished before the kill", 0
         elif ckpt.exists() and any(ckpt.glob("checkpoint-*")):
@@ -143,8 +142,9 @@ def main() -> None:
             how = "no checkpoint yet: ran again"
             code, _, _, _ = run_and_wait(argv, str(out))
         diff = max_diff(reference / "final", out / "final") if code == 0 else None
-        trials.append({**plan, "killed": killed, "leftovers": left, "partial_checkpoints": partial, "then": how,
-                       "exit": code, "max_abs_diff": diff})
+        trials.append(
+            {**plan, "killed": killed, "leftovers": left, "partial_checkpoints": partial, "then": how, "exit": code, "max_abs_diff": diff}
+        )
     print(json.dumps({"reference_s": round(seconds, 2), "reference_events": total_events, "trials": trials}))
 
 

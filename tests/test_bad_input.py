@@ -54,8 +54,22 @@ class Ctx:
         return self.file(name, good + "".join(line + "\n" for line in lines))
 
     def train(self, *extra, train: Path | None = None) -> list:
-        return ["train", "--model", self.model, "--train", train or self.data["train"], "--val", self.data["val"],
-                "--output-dir", self.tmp / "out", "--max-steps", "2", "--batch-size", "8", *extra]
+        return [
+            "train",
+            "--model",
+            self.model,
+            "--train",
+            train or self.data["train"],
+            "--val",
+            self.data["val"],
+            "--output-dir",
+            self.tmp / "out",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            *extra,
+        ]
 
     def adapter(self, **files) -> Path:
         """A copy of the trained adapter; each keyword replaces a file (``loratune_json`` -> loratune.json) with a
@@ -63,8 +77,7 @@ class Ctx:
         dst = self.tmp / "adapter"
         shutil.copytree(self._adapter, dst)
         for key, change in files.items():
-            name = {"loratune_json": "loratune.json", "adapter_config": "adapter_config.json",
-                    "tokenizer": "tokenizer.json"}[key]
+            name = {"loratune_json": "loratune.json", "adapter_config": "adapter_config.json", "tokenizer": "tokenizer.json"}[key]
             path = dst / name
             if isinstance(change, dict):
                 meta = json.loads(path.read_text())
@@ -84,16 +97,11 @@ class Ctx:
 # the path of the file the case wrote (bad.jsonl / bad.csv / the adapter dir).
 DATA_CASES = [
     ("deeply-nested-json", lambda c: c.train(train=c.jsonl(NESTED)), "bad.jsonl:3"),
-    ("deeply-nested-json-value", lambda c: c.train(train=c.jsonl('{"text": ' + NESTED + ', "label": "x"}')),
-     "bad.jsonl:3"),
-    ("lone-surrogate-text", lambda c: c.train(train=c.jsonl('{"text": "bad \\ud800 text", "label": "billing"}')),
-     "bad.jsonl:3"),
-    ("lone-surrogate-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": "bill\\udfffing"}')),
-     "bad.jsonl:3"),
-    ("lone-surrogate-field-name", lambda c: c.train(train=c.jsonl('{"text": "hi", "label": "billing", "\\ud800": 1}')),
-     "bad.jsonl:3"),
-    ("5000-digit-int-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": ' + BIG_INT + "}")),
-     "bad.jsonl:3"),
+    ("deeply-nested-json-value", lambda c: c.train(train=c.jsonl('{"text": ' + NESTED + ', "label": "x"}')), "bad.jsonl:3"),
+    ("lone-surrogate-text", lambda c: c.train(train=c.jsonl('{"text": "bad \\ud800 text", "label": "billing"}')), "bad.jsonl:3"),
+    ("lone-surrogate-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": "bill\\udfffing"}')), "bad.jsonl:3"),
+    ("lone-surrogate-field-name", lambda c: c.train(train=c.jsonl('{"text": "hi", "label": "billing", "\\ud800": 1}')), "bad.jsonl:3"),
+    ("5000-digit-int-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": ' + BIG_INT + "}")), "bad.jsonl:3"),
     ("huge-float-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": 1e999}')), "bad.jsonl:3"),
     ("nan-label", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": NaN}')), "bad.jsonl:3"),
     ("invalid-json", lambda c: c.train(train=c.jsonl('{"text": "hello", "label": ')), "bad.jsonl:3"),
@@ -107,31 +115,47 @@ DATA_CASES = [
     ("label-is-bool", lambda c: c.train(train=c.jsonl('{"text": "hi", "label": true}')), "bad.jsonl:3"),
     ("label-is-null", lambda c: c.train(train=c.jsonl('{"text": "hi", "label": null}')), "bad.jsonl:3"),
     ("label-is-empty", lambda c: c.train(train=c.jsonl('{"text": "hi", "label": " "}')), "bad.jsonl:3"),
-    ("label-outside-label-set", lambda c: c.train("--labels", "billing,technical",
-                                                  train=c.jsonl('{"text": "hi", "label": "shipping"}')), "bad.jsonl:3"),
-    ("not-utf8", lambda c: c.train(train=c.file("bad.jsonl", b'{"text": "caf\xe9", "label": "billing"}\n')),
-     "bad.jsonl:1"),
+    (
+        "label-outside-label-set",
+        lambda c: c.train("--labels", "billing,technical", train=c.jsonl('{"text": "hi", "label": "shipping"}')),
+        "bad.jsonl:3",
+    ),
+    ("not-utf8", lambda c: c.train(train=c.file("bad.jsonl", b'{"text": "caf\xe9", "label": "billing"}\n')), "bad.jsonl:1"),
     ("empty-file", lambda c: c.train(train=c.file("bad.jsonl", "")), "bad.jsonl"),
     ("only-blank-lines", lambda c: c.train(train=c.file("bad.jsonl", "\n \n\n")), "bad.jsonl"),
-    ("one-label-only", lambda c: c.train("--labels", "", train=c.file(
-        "bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')), "bad.jsonl"),
+    (
+        "one-label-only",
+        lambda c: c.train("--labels", "", train=c.file("bad.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')),
+        "bad.jsonl",
+    ),
     ("no-such-file", lambda c: c.train(train=c.tmp / "missing.jsonl"), "missing.jsonl"),
     ("directory-as-file", lambda c: c.train(train=c.tmp), "is a directory"),
     ("unsupported-suffix", lambda c: c.train(train=c.file("bad.txt", "hello\n")), "bad.txt"),
-    ("csv-duplicate-label-column", lambda c: c.train(train=c.file("bad.csv", "text,label,label\nhi,billing,technical\n")),
-     "bad.csv:1"),
-    ("csv-duplicate-text-column", lambda c: c.train(train=c.file("bad.csv", "text,text,label\nhi,yo,billing\n")),
-     "bad.csv:1"),
-    ("csv-more-cells-than-header", lambda c: c.train(train=c.file("bad.csv", "text,label\nhi,billing,extra\n")),
-     "bad.csv:2"),
-    ("csv-missing-label-column", lambda c: c.train(train=c.file("bad.csv", "text,category\nhi,billing\n")),
-     "bad.csv:2"),
+    ("csv-duplicate-label-column", lambda c: c.train(train=c.file("bad.csv", "text,label,label\nhi,billing,technical\n")), "bad.csv:1"),
+    ("csv-duplicate-text-column", lambda c: c.train(train=c.file("bad.csv", "text,text,label\nhi,yo,billing\n")), "bad.csv:1"),
+    ("csv-more-cells-than-header", lambda c: c.train(train=c.file("bad.csv", "text,label\nhi,billing,extra\n")), "bad.csv:2"),
+    ("csv-missing-label-column", lambda c: c.train(train=c.file("bad.csv", "text,category\nhi,billing\n")), "bad.csv:2"),
     ("csv-empty-header", lambda c: c.train(train=c.file("bad.csv", "\nhi,billing\n")), "bad.csv"),
-    ("csv-lone-surrogate", lambda c: c.train(train=c.file("bad.csv", "text,label\n\\ud800,billing\n".replace(
-        "\\ud800", "\ud800"))), "bad.csv"),
-    ("val-file-bad-line", lambda c: ["train", "--model", c.model, "--train", c.data["train"], "--val",
-                                     c.jsonl('{"text": 1, "label": "billing"}'), "--output-dir", c.tmp / "out"],
-     "bad.jsonl:3"),
+    (
+        "csv-lone-surrogate",
+        lambda c: c.train(train=c.file("bad.csv", "text,label\n\\ud800,billing\n".replace("\\ud800", "\ud800"))),
+        "bad.csv",
+    ),
+    (
+        "val-file-bad-line",
+        lambda c: [
+            "train",
+            "--model",
+            c.model,
+            "--train",
+            c.data["train"],
+            "--val",
+            c.jsonl('{"text": 1, "label": "billing"}'),
+            "--output-dir",
+            c.tmp / "out",
+        ],
+        "bad.jsonl:3",
+    ),
 ]
 
 FLAG_CASES = [
@@ -259,8 +283,7 @@ def test_bad_training_input_exits_2_with_one_sentence(build, expect, tiny_t5, sm
 
 @pytest.mark.integration
 @pytest.mark.parametrize("build,expect", [pytest.param(b, e, id=i) for i, b, e in PREDICT_CASES])
-def test_bad_predict_input_exits_2_with_one_sentence(build, expect, tiny_t5, small_data, small_adapter, tmp_path,
-                                                     capsys):
+def test_bad_predict_input_exits_2_with_one_sentence(build, expect, tiny_t5, small_data, small_adapter, tmp_path, capsys):
     ctx = Ctx(tmp_path, tiny_t5, small_data, small_adapter)
     code, _, err = run_main(build(ctx), capsys)
     check(code, err, expect)
@@ -268,8 +291,7 @@ def test_bad_predict_input_exits_2_with_one_sentence(build, expect, tiny_t5, sma
 
 @pytest.mark.integration
 @pytest.mark.parametrize("files,expect", [pytest.param(f, e, id=i) for i, f, e in ADAPTER_CASES])
-def test_tampered_adapter_exits_2_with_one_sentence(files, expect, tiny_t5, small_data, small_adapter, tmp_path,
-                                                    capsys):
+def test_tampered_adapter_exits_2_with_one_sentence(files, expect, tiny_t5, small_data, small_adapter, tmp_path, capsys):
     ctx = Ctx(tmp_path, tiny_t5, small_data, small_adapter)
     adapter = ctx.adapter(**files)
     code, _, err = run_main(ctx.predict("hello", adapter=adapter), capsys)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_jsonl, tiny_config, write_jsonl
+from conftest import ROOT, tiny_config, write_jsonl
 
 from loratune.checkpoints import DiskFull, clean_leftovers, latest_checkpoint, prepare_output_dir
 from loratune.errors import LoratuneError
@@ -88,9 +88,28 @@ def test_resume_after_a_finished_run_says_so(tmp_path):
 @pytest.mark.integration
 def test_nan_run_exits_1_with_one_sentence_and_no_adapter(tiny_t5, small_data, tmp_path, capsys):
     out = tmp_path / "nan"
-    code, err = run_main(["train", "--model", tiny_t5, "--train", small_data["train"], "--val", small_data["val"],
-                          "--output-dir", out, "--max-steps", "6", "--batch-size", "8",
-                          "--set", "train.weight_decay=nan", "--set", "train.logging_steps=100"], capsys)
+    code, err = run_main(
+        [
+            "train",
+            "--model",
+            tiny_t5,
+            "--train",
+            small_data["train"],
+            "--val",
+            small_data["val"],
+            "--output-dir",
+            out,
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "8",
+            "--set",
+            "train.weight_decay=nan",
+            "--set",
+            "train.logging_steps=100",
+        ],
+        capsys,
+    )
     assert code == 1, err[-2000:]
     lines = error_lines(err)
     assert len(lines) == 1 and "training diverged" in lines[0] and "not finite" in lines[0], err[-2000:]
@@ -100,8 +119,7 @@ def test_nan_run_exits_1_with_one_sentence_and_no_adapter(tiny_t5, small_data, t
 
 
 def small_run_config(tiny_t5, small_data, out, **train):
-    return tiny_config(tiny_t5, small_data, out, **{"max_steps": 8, "save_steps": 2, "eval_steps": 4,
-                                                    "batch_size": 8, **train})
+    return tiny_config(tiny_t5, small_data, out, **{"max_steps": 8, "save_steps": 2, "eval_steps": 4, "batch_size": 8, **train})
 
 
 @pytest.mark.integration
@@ -122,6 +140,7 @@ def test_disk_full_is_one_sentence_and_the_run_stays_resumable(tiny_t5, small_da
             if when(target):
                 raise OSError(errno.ENOSPC, "No space left on device", target)
             return real(*args, **kwargs)
+
         return fake
 
     if where == "checkpoint":  # the second checkpoint hits a full disk; the first one is complete
@@ -151,10 +170,41 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tin
     train = write_jsonl(tmp_path / "train.jsonl", demo_rows["train"][:48])
     val = write_jsonl(tmp_path / "val.jsonl", demo_rows["val"][:20])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, str(ROOT / "tests" / "kill_harness.py"), "--root", str(tmp_path / "runs"), "--trials", "20",
-           "--seed", "16", "--", "--model", str(tiny_t5), "--train", str(train), "--val", str(val), "--max-steps", "6",
-           "--save-steps", "1", "--batch-size", "4", "--lr", "0.005", "--seed", "7", "--set", "train.logging_steps=2",
-           "--set", "train.eval_steps=3", "--set", "train.early_stopping_patience=0", "--set", "data.test=none"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "kill_harness.py"),
+        "--root",
+        str(tmp_path / "runs"),
+        "--trials",
+        "20",
+        "--seed",
+        "16",
+        "--",
+        "--model",
+        str(tiny_t5),
+        "--train",
+        str(train),
+        "--val",
+        str(val),
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.005",
+        "--seed",
+        "7",
+        "--set",
+        "train.logging_steps=2",
+        "--set",
+        "train.eval_steps=3",
+        "--set",
+        "train.early_stopping_patience=0",
+        "--set",
+        "data.test=none",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
@@ -178,9 +228,32 @@ def test_a_real_full_disk_ends_in_one_sentence_and_resumes_after_space_is_freed(
     try:
         train = write_jsonl(tmp_path / "train.jsonl", demo_rows["train"][:48])
         val = write_jsonl(tmp_path / "val.jsonl", demo_rows["val"][:20])
-        cmd = [sys.executable, "-m", "loratune", "train", "--model", str(tiny_t5), "--train", str(train), "--val",
-               str(val), "--max-steps", "8", "--save-steps", "1", "--batch-size", "4", "--seed", "7",
-               "--set", "train.eval_steps=4", "--set", "train.early_stopping_patience=0", "--output-dir", str(mnt / "run")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "loratune",
+            "train",
+            "--model",
+            str(tiny_t5),
+            "--train",
+            str(train),
+            "--val",
+            str(val),
+            "--max-steps",
+            "8",
+            "--save-steps",
+            "1",
+            "--batch-size",
+            "4",
+            "--seed",
+            "7",
+            "--set",
+            "train.eval_steps=4",
+            "--set",
+            "train.early_stopping_patience=0",
+            "--output-dir",
+            str(mnt / "run"),
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
         full = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert full.returncode == 1, full.stderr[-3000:]

@@ -37,8 +37,9 @@ def validate_meta(meta: Any, path: str | Path) -> None:
     max_length, threshold, lora_target_modules.
     """
     if not isinstance(meta, dict):
-        raise LoratuneError(f"{path}: expected a JSON object of adapter metadata, got {type(meta).__name__}; "
-                            f"the adapter is damaged: train it again")
+        raise LoratuneError(
+            f"{path}: expected a JSON object of adapter metadata, got {type(meta).__name__}; the adapter is damaged: train it again"
+        )
     problems: list[str] = []
     for key in ("base_model", "labels", "family", "prompt"):
         if key not in meta:
@@ -64,8 +65,9 @@ def validate_meta(meta: Any, path: str | Path) -> None:
     if "max_length" in meta and not (_int(meta["max_length"]) and meta["max_length"] >= 8):
         problems.append(f"max_length must be an integer >= 8 (got {meta['max_length']!r})")
     threshold = meta.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-                                      and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    if threshold is not None and not (
+        isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0
+    ):
         problems.append(f"threshold must be a number in [0, 1] (got {threshold!r})")
     targets = meta.get("lora_target_modules")
     if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):

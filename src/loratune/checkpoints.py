@@ -32,8 +32,7 @@ STAGING = ".staging"
 TRASH_PREFIX = ".trash-"
 DONE_PREFIX = ".checkpoints-done-"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt",
-                  "scheduler.pt")
+REQUIRED_FILES = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt")
 """What a Trainer checkpoint of a PEFT model must hold for an exact resume."""
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -46,6 +45,7 @@ class DiskFull(LoratuneError):
 
 # --------------------------------------------------------------------------------------------------
 # Which checkpoints count, and cleaning up after a crash.
+
 
 def checkpoint_step(path: Path) -> int | None:
     match = CHECKPOINT_RE.match(path.name)
@@ -155,8 +155,7 @@ def prepare_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool,
         say(f"resuming from {latest} (step {checkpoint_step(latest)}, the newest complete checkpoint)")
         return str(latest)
     if latest is not None and not overwrite and rank0:
-        raise LoratuneError(f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
-                            f"or --overwrite to start over")
+        raise LoratuneError(f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start over")
     if overwrite and rank0:
         _remove(ckpt_dir)
     return None
@@ -184,6 +183,7 @@ def discard_checkpoints(out: Path, ckpt_dir: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Disk full.
+
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
@@ -226,8 +226,10 @@ def disk_full_as_error(where: Path, need: Callable[[], int], resumable: Callable
             raise
         path = getattr(exc, "filename", None) or where
         then = "run the same command with --resume" if resumable() else "run the same command again"
-        raise DiskFull(f"disk full while writing {path}: about {_mb(needed)} free is needed there and "
-                       f"{_mb(_free_bytes(where))} is free; free some space, then {then}") from None
+        raise DiskFull(
+            f"disk full while writing {path}: about {_mb(needed)} free is needed there and "
+            f"{_mb(_free_bytes(where))} is free; free some space, then {then}"
+        ) from None
 
 
 def space_needed(ckpt_dir: Path, model=None) -> int:
@@ -242,6 +244,7 @@ def space_needed(ckpt_dir: Path, model=None) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # The Trainer side.
+
 
 class AtomicCheckpoints:
     """Trainer mixin: each checkpoint is written to ``.staging/`` and renamed into place when complete.

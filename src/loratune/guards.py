@@ -26,8 +26,7 @@ class TrainingDiverged(LoratuneError):
 
 
 def _diverged(what: str, step: int, fp16: bool) -> TrainingDiverged:
-    return TrainingDiverged(f"training diverged: {what} at step {step}{FP16_HINT if fp16 else ''}; "
-                            f"nothing was saved as final or best")
+    return TrainingDiverged(f"training diverged: {what} at step {step}{FP16_HINT if fp16 else ''}; nothing was saved as final or best")
 
 
 def first_non_finite(model) -> str | None:
@@ -62,6 +61,5 @@ class FiniteLossStep:
         loss = super().training_step(*args, **kwargs)
         # The Trainer syncs on this value anyway (its NaN filter), so the check adds no device sync.
         if not torch.isfinite(loss).all():
-            raise _diverged(f"loss is {float(loss.detach().float().mean())}", self.state.global_step + 1,
-                            self.args.fp16)
+            raise _diverged(f"loss is {float(loss.detach().float().mean())}", self.state.global_step + 1, self.args.fp16)
         return loss
