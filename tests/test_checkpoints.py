@@ -56,6 +56,7 @@ def test_leftovers_are_cleaned_and_a_cut_swap_is_undone(tmp_path):
     (out / ".final-xyz").mkdir()
     (out / ".final-xyz" / "adapter_model.safetensors").write_bytes(b"trunc")
     (out / ".checkpoints-done-9").mkdir()
+    (out / ".trash-checkpoints-9").mkdir()  # an --overwrite cut off mid-delete
 
     removed = clean_leftovers(out, ckpt)
 

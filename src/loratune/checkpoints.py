@@ -118,7 +118,7 @@ def clean_leftovers(out: Path, ckpt_dir: Path, best_name: str = "best", final_na
             shutil.rmtree(p, ignore_errors=True)
             removed.append(str(p))
     if out.is_dir():
-        for p in out.glob(f"{DONE_PREFIX}*"):
+        for p in [*out.glob(f"{DONE_PREFIX}*"), *out.glob(f"{TRASH_PREFIX}*")]:  # cut-off finish or --overwrite
             shutil.rmtree(p, ignore_errors=True)
             removed.append(str(p))
     if ckpt_dir.is_dir():
@@ -259,6 +259,9 @@ class AtomicCheckpoints:
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
+        # Data-parallel: every rank writes its own RNG state into the staging dir, so no rank may write before it
+        # is fresh, and rank 0 may not rename it before all have written (no-ops in a single process).
+        self.accelerator.wait_for_everyone()
         need = space_needed(run_dir, self.model)
         # Point the Trainer's save (model, optimizer, scheduler, RNG, state, its own rotation) at the staging dir.
         self._get_output_dir = lambda trial=None: str(staging)
@@ -272,7 +275,9 @@ class AtomicCheckpoints:
                     raise
         finally:
             del self._get_output_dir
+        self.accelerator.wait_for_everyone()
         if not self.args.should_save:
+            self.accelerator.wait_for_everyone()  # rank 0 renames; the next save must not start before
             return
         _fsync_tree(staging / name)
         target = run_dir / name
@@ -285,6 +290,7 @@ class AtomicCheckpoints:
         if limit and limit > 0:
             for old in complete_checkpoints(run_dir)[:-limit]:
                 _remove(old)
+        self.accelerator.wait_for_everyone()
 
 
 def _fsync_tree(path: Path) -> None:
