@@ -10,7 +10,9 @@ Resume after a crash or Ctrl-C (continues from the last checkpoint, same result 
     loratune train --resume
 
 Layout of OUTPUT_DIR: ``checkpoints/`` (Trainer checkpoints for --resume, ``best/`` adapter so far) and
-``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end.
+``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end. Every checkpoint
+is renamed into place only when complete, so a kill -9 or a full disk never leaves one --resume would trip on
+(checkpoints.py); a NaN/inf loss or weight stops the run before anything of it is saved (guards.py).
 
 The best adapter is the one with the highest end-to-end validation accuracy; for multi-label data, the
 highest micro-F1 (score mode, threshold 0.5, at least one label per text, as ``predict`` does by default).
