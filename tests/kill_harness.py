@@ -133,13 +133,13 @@ def main() -> None:
         partial = sorted(p.name for p in ckpt.glob("checkpoint-*") if not (p / "trainer_state.json").is_file()) if ckpt.exists() else []
         if not killed and (out / "final" / "loratune.json").is_file():
             how, code = "finished before the kill", 0
-        elif ckpt.exists() and any(ckpt.glob("checkpoint-*")):
+        elif ckpt.exists():
             how = "--resume"
             code, _, _, _ = run_and_wait([*argv, "--resume"], str(out))
         elif (out / "final" / "loratune.json").is_file():
             how, code = "killed after final/ and the cleanup", 0
         else:
-            how = "no checkpoint yet: ran again"
+            how = "killed before the run started writing: ran again"
             code, _, _, _ = run_and_wait(argv, str(out))
         diff = max_diff(reference / "final", out / "final") if code == 0 else None
         trials.append(

@@ -78,6 +78,15 @@ def test_resume_names_the_newest_complete_checkpoint(tmp_path):
         prepare_output_dir(out, ckpt, resume=False, overwrite=False, say=said.append)
 
 
+def test_resume_before_the_first_checkpoint_starts_over_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".staging" / "checkpoint-1").mkdir(parents=True)  # killed inside the first save
+    said = []
+    assert prepare_output_dir(out, out / "checkpoints", resume=True, overwrite=False, say=said.append) is None
+    assert any("starting from step 0" in line for line in said)
+    assert not (out / "checkpoints" / ".staging").exists()
+
+
 def test_resume_after_a_finished_run_says_so(tmp_path):
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)
@@ -216,7 +225,7 @@ def test_kill_9_at_20_random_moments_then_resume_equals_an_uninterrupted_run(tin
     assert sum(t["killed"] for t in trials) >= 15, "most kills must land before the run ends"
     # Some kills cut a write in half: proof the moments include checkpoint/final writes, not only training steps.
     assert any(t["leftovers"] for t in trials), json.dumps(trials, indent=1)
-    assert sum(t["then"] == "--resume" for t in trials) >= 5
+    assert sum(t["then"] == "--resume" for t in trials) >= 15
 
 
 @pytest.mark.integration

@@ -148,16 +148,22 @@ def prepare_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool,
             say(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(Path(p).name for p in removed)}")
     latest = latest_checkpoint(ckpt_dir)
     if resume:
-        if latest is None:
+        if latest is not None:
+            say(f"resuming from {latest} (step {checkpoint_step(latest)}, the newest complete checkpoint)")
+            return str(latest)
+        if not ckpt_dir.is_dir():
             finished = (out / "final" / "loratune.json").is_file()
             hint = f"; the run already finished: its adapter is {out / 'final'}" if finished else ""
             raise LoratuneError(f"--resume: no complete checkpoint in {ckpt_dir} to continue from{hint}")
-        say(f"resuming from {latest} (step {checkpoint_step(latest)}, the newest complete checkpoint)")
-        return str(latest)
+        # A run started here and was stopped before its first checkpoint: nothing to lose by starting over.
+        say(f"--resume: the run in {out} stopped before its first complete checkpoint; starting from step 0")
+        return None
     if latest is not None and not overwrite and rank0:
         raise LoratuneError(f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start over")
     if overwrite and rank0:
         _remove(ckpt_dir)
+    if rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)  # marks a started run: --resume before its first checkpoint restarts it
     return None
 
 
