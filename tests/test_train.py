@@ -78,9 +78,9 @@ def test_gradient_checkpointing_trains_with_peft(tiny_t5, small_data, tmp_path):
 def test_divergence_stops_with_a_clear_message():
     from types import SimpleNamespace
 
-    from loratune.train import DivergenceGuard, TrainingDiverged
+    from loratune.guards import NonFiniteGuard, TrainingDiverged
 
-    guard = DivergenceGuard()
+    guard = NonFiniteGuard()
     guard.on_log(SimpleNamespace(fp16=True), SimpleNamespace(global_step=3), None, logs={"loss": 1.5})
     with pytest.raises(TrainingDiverged, match="loss is nan at step 3 .*fp16"):
         guard.on_log(SimpleNamespace(fp16=True), SimpleNamespace(global_step=3), None, logs={"loss": float("nan")})
@@ -159,7 +159,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_t5, small_data, tmp_
 def test_resume_without_checkpoint_is_a_clear_error(tiny_t5, small_data, tmp_path):
     from loratune.train import train
 
-    with pytest.raises(LoratuneError, match="no checkpoint"):
+    with pytest.raises(LoratuneError, match="no complete checkpoint"):
         train(tiny_config(tiny_t5, small_data, tmp_path), resume=True)
 
 

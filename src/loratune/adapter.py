@@ -66,7 +66,8 @@ class AdapterMeta:
             if value is None and f.name in OMITTED_WHEN_UNSET:
                 continue
             out["prompt" if f.name == "spec" else f.name] = value.to_dict() if f.name == "spec" else value
-        out["labels"], out["multi_label"] = self.labels, self.multi_label  # for readers of the plain JSON
+        # Also at the top level, for readers of the plain JSON (checked on read like the rest).
+        out["labels"], out["multi_label"], out["max_length"] = self.labels, self.multi_label, self.spec.max_length
         return out
 
     def write(self, adapter_dir: str | Path) -> Path:
@@ -94,8 +95,13 @@ class AdapterMeta:
             if not isinstance(data[key], kind):
                 raise bad(f"{key!r} must be a {kind.__name__}, got {type(data[key]).__name__}")
         labels = data["labels"]
-        if not labels or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != len(labels):
-            raise bad("'labels' must be a non-empty list of distinct label names")
+        if len(labels) < 2 or not all(_text(x) for x in labels) or len(set(labels)) != len(labels):
+            raise bad("'labels' must be a non-empty list of at least two distinct label names")
+        if not _text(data["base_model"]):
+            raise bad("'base_model' must be a model id or path")
+        targets = data.get("lora_target_modules", [])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise bad("'lora_target_modules' must be a list of module names")
         family = data["family"]
         if family not in FAMILIES:
             raise bad(f"unknown family {family!r}")
@@ -126,7 +132,7 @@ class AdapterMeta:
         try:
             data = json.loads((adapter_dir / META_FILE).read_text(encoding="utf-8"))
             peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError) as exc:
+        except (ValueError, RecursionError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
             raise LoratuneError(f"{adapter_dir}: corrupt adapter metadata ({str(exc).splitlines()[0][:200]})") from None
         if not isinstance(peft_config, dict):
             raise LoratuneError(f"{adapter_dir / 'adapter_config.json'}: not a JSON object; the adapter is damaged")
@@ -136,11 +142,12 @@ class AdapterMeta:
 def _spec(data: dict, labels: list, family: str, bad) -> PromptSpec:
     prompt = data["prompt"]
     for key in ("task", "input_name"):
-        if not isinstance(prompt.get(key), str):
+        if not _text(prompt.get(key)):
             raise bad(f"prompt.{key} must be a string")
+    for value in (data.get("max_length", 384), prompt.get("max_length", 384)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 8:
+            raise bad(f"max_length must be an integer >= 8, got {value!r}")
     max_length = prompt.get("max_length", data.get("max_length", 384))
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
-        raise bad(f"max_length must be a positive integer, got {max_length!r}")
     multi_label = data.get("multi_label", prompt.get("multi_label", False))
     if not isinstance(multi_label, bool):
         raise bad("multi_label must be true or false")
@@ -155,6 +162,17 @@ def _spec(data: dict, labels: list, family: str, bad) -> PromptSpec:
         return PromptSpec.from_dict({**prompt, "labels": labels, "multi_label": multi_label, "max_length": max_length})
     except (TypeError, LoratuneError) as exc:
         raise bad(f"prompt is invalid ({exc})") from None
+
+
+def _text(value) -> bool:
+    """A non-empty string of valid Unicode (JSON escapes can carry lone surrogates)."""
+    if not isinstance(value, str) or not value.strip():
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------

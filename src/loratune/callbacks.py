@@ -1,9 +1,8 @@
-"""Trainer callbacks of the training recipe: best adapter, Ctrl-C to checkpoint, divergence guard, progress bar."""
+"""Trainer callbacks of the training recipe: best adapter, Ctrl-C to checkpoint, progress bar."""
 
 from __future__ import annotations
 
 import json
-import math
 import signal
 import sys
 import time
@@ -13,11 +12,6 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .atomic import replace_dir, temp_dir_beside
-from .errors import LoratuneError
-
-
-class TrainingDiverged(LoratuneError):
-    """Loss became NaN/inf: the weights are garbage and nothing is saved."""
 
 
 class BestAdapter(TrainerCallback, ExportableState):
@@ -86,15 +80,6 @@ class InterruptToCheckpoint(TrainerCallback):
         if self.requested:
             control.should_save = True
             control.should_training_stop = True
-
-
-class DivergenceGuard(TrainerCallback):
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            hint = " (T5 overflows in fp16: use --set train.precision=bf16 or fp32)" if args.fp16 else ""
-            raise TrainingDiverged(f"training diverged: loss is {loss} at step {state.global_step}{hint}; "
-                                   f"nothing was saved as final")
 
 
 class ProgressBar(TrainerCallback):

@@ -143,7 +143,7 @@ def predict(
     if top_k is not None and top_k < 1:
         raise LoratuneError("--top-k must be at least 1")
     if text is not None and text != "-" and not text.strip():
-        raise LoratuneError("nothing to classify: the TEXT argument is empty")
+        raise LoratuneError("TEXT is empty: give the text to classify (or '-' to read lines from stdin)")
     quiet_libraries()
     clf = _load_classifier(adapter, cfg, base_override=model)
     from .data import read_inputs
@@ -402,8 +402,16 @@ def main() -> None:
     try:
         app()  # standalone mode: usage errors and --help are handled by typer and exit 2 / 0
     except LoratuneError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar cut off by an error, so the error gets a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,12 @@ FAMILIES = ("auto", "seq2seq", "causal", "encoder")
 MODES = ("score", "generate")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHAT_TEMPLATES = ("auto", "on", "off")
+# Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
+MAX_BATCH_SIZE = 1 << 20
+MAX_EPOCHS = 1e6
+MAX_STEPS = 10**12
+MAX_SEED = 2**32 - 1
+"""numpy's seed range (set_seed seeds numpy too)."""
 
 
 @dataclass
@@ -228,6 +235,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise LoratuneError(f"config file {path} does not exist")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (UnicodeDecodeError, OSError) as exc:
+            reason = "not valid UTF-8" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or str(exc))
+            raise LoratuneError(f"config file {path}: cannot read it ({reason})") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -284,8 +294,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"prompt.chat_template must be one of {', '.join(CHAT_TEMPLATES)} (got {cfg.prompt.chat_template!r})")
     if cfg.predict.mode not in MODES:
         problems.append(f"predict.mode must be one of {', '.join(MODES)} (got {cfg.predict.mode!r})")
-    if cfg.predict.batch_size < 1:
-        problems.append(f"predict.batch_size must be >= 1 (got {cfg.predict.batch_size})")
+    if not 1 <= cfg.predict.batch_size <= MAX_BATCH_SIZE:
+        problems.append(f"predict.batch_size (--batch-size) must be in 1..{MAX_BATCH_SIZE} (got {cfg.predict.batch_size})")
     if not 0 <= cfg.serve.port <= 65535:
         problems.append(f"serve.port must be in 0..65535 (got {cfg.serve.port})")
     if cfg.serve.max_chars < 1:
@@ -304,12 +314,20 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"serve.read_timeout_s must be in (0, 3600] seconds (got {cfg.serve.read_timeout_s})")
     if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
         problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
+    if not 0 <= cfg.train.seed <= MAX_SEED:  # inspect seeds the val split too
+        problems.append(f"train.seed (--seed) must be in 0..{MAX_SEED} (got {cfg.train.seed})")
     if training:
         t = cfg.train
-        if t.epochs <= 0 and t.max_steps <= 0:
+        if not math.isfinite(t.epochs) or t.epochs > MAX_EPOCHS:
+            problems.append(f"train.epochs (--epochs) must be a finite number of at most {MAX_EPOCHS:g} (got {t.epochs})")
+        elif t.epochs <= 0 and t.max_steps <= 0:
             problems.append("train.epochs must be > 0 (or set train.max_steps)")
-        if t.batch_size < 1:
-            problems.append(f"train.batch_size must be >= 1 (got {t.batch_size})")
+        if t.max_steps > MAX_STEPS:
+            problems.append(f"train.max_steps (--max-steps) must be at most {MAX_STEPS} (got {t.max_steps})")
+        if not 1 <= t.batch_size <= MAX_BATCH_SIZE:
+            problems.append(f"train.batch_size (--batch-size) must be in 1..{MAX_BATCH_SIZE} (got {t.batch_size})")
+        if t.logging_steps < 1:
+            problems.append(f"train.logging_steps must be >= 1 (got {t.logging_steps})")
         if t.grad_accum < 1:
             problems.append(f"train.grad_accum must be >= 1 (got {t.grad_accum})")
         if not 0.0 < t.lr < 1.0:

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -55,7 +56,10 @@ def normalize_label(label: str) -> str:
 
 def decode_file(path: Path) -> str:
     """File contents as text; non-UTF-8 bytes raise DataError naming the line."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -76,6 +80,8 @@ def _labels_from_value(
     elif isinstance(value, str):
         parts = value.split(delimiter) if multi_label else [value]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{where}: field {field_name!r} is the number {value}; labels must be strings")
         parts = [str(value)]
     else:
         raise DataError(f"{where}: field {field_name!r} must be a string, got {type(value).__name__}")
@@ -109,8 +115,33 @@ def _make_example(
     return Example(text=text.strip(), label=label, source=source, line=line)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _parse_json_line(line: str, where: str):
+    """One JSONL line as a Python value; anything JSON accepts but Python or UTF-8 cannot hold is a DataError."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply; a line should be one flat object") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise DataError(f"{where}: unreadable JSON value ({str(exc).splitlines()[0][:120]})") from None
+    # JSON may escape half of a UTF-16 pair ("\ud800"), which is no text at all: it cannot be tokenized or saved.
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: a string holds a lone UTF-16 surrogate (an escape like \\ud800 without its "
+                            f"pair), which is not valid text; fix or drop the line") from None
+    return record
+
+
 def _records(path: Path):
     """Yield (where, line, record) for each non-empty row of a JSONL or CSV/TSV file."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     content = decode_file(path)
@@ -122,6 +153,10 @@ def _records(path: Path):
         reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
         if reader.fieldnames is None:
             raise DataError(f"{path}:1: missing header row")
+        repeated = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
+        if repeated:
+            raise DataError(f"{path}:1: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
+                            f"rename them so each column has its own name")
         try:
             for record in reader:
                 where = f"{path}:{reader.line_num}"
@@ -132,14 +167,12 @@ def _records(path: Path):
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     elif suffix in JSONL_SUFFIXES:
-        for number, line in enumerate(content.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which are valid inside JSON strings.
+        for number, line in enumerate(content.split("\n"), start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            record = _parse_json_line(line, where)
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object like {{\"text\": ..., \"label\": ...}}")
             yield where, number, record
@@ -171,7 +204,7 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     if path.suffix.lower() not in JSONL_SUFFIXES + CSV_SUFFIXES:
         if not path.is_file():
             raise DataError(f"{path}: no such file")
-        return [line.strip() for line in decode_file(path).splitlines() if line.strip()]
+        return [line.strip() for line in decode_file(path).split("\n") if line.strip()]
     texts = []
     for where, _, record in _records(path):
         text = record.get(text_field)
@@ -188,6 +221,12 @@ def read_inputs(text: str | None, input_path: str | Path | None, text_field: str
     if text is not None and input_path is not None:
         raise LoratuneError("give either a TEXT argument or --input FILE, not both")
     if text is not None and text != "-":
+        if not text.strip():
+            raise LoratuneError("TEXT is empty: give the text to classify (or '-' to read lines from stdin)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoratuneError("TEXT is not valid text (undecodable bytes or a lone surrogate); pass UTF-8") from None
         return [text]
     if input_path is None:
         if sys.stdin.isatty() and text != "-":

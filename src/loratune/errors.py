@@ -2,4 +2,7 @@
 
 
 class LoratuneError(Exception):
-    """A user-facing error: the CLI prints its message as one line and exits with code 2."""
+    """A user-facing error: the CLI prints its message as one line and exits with ``exit_code``."""
+
+    exit_code = 2
+    """2: bad input or usage. Subclasses for a run that failed for a reason outside the input use 1."""

@@ -187,4 +187,8 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     # trained in full and saved with the adapter.
     config = LoraConfig(task_type=family_class(family).peft_task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=list(target_modules) if target_modules else None)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
+        raise LoratuneError(f"lora.target_modules={','.join(target_modules or [])}: {str(exc).splitlines()[0][:200]}") from None
+

@@ -10,7 +10,9 @@ Resume after a crash or Ctrl-C (continues from the last checkpoint, same result 
     loratune train --resume
 
 Layout of OUTPUT_DIR: ``checkpoints/`` (Trainer checkpoints for --resume, ``best/`` adapter so far) and
-``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end.
+``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end. Every checkpoint
+is renamed into place only when complete, so a kill -9 or a full disk never leaves one --resume would trip on
+(checkpoints.py); a NaN/inf loss or weight stops the run before anything of it is saved (guards.py).
 
 The best adapter is the one with the highest end-to-end validation accuracy; for multi-label data, the
 highest micro-F1 (score mode, threshold 0.5, at least one label per text, as ``predict`` does by default).
@@ -37,13 +39,22 @@ from transformers.trainer_callback import PrinterCallback
 
 from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
-from .callbacks import BestAdapter, DivergenceGuard, InterruptToCheckpoint, ProgressBar, TrainingDiverged
+from .callbacks import BestAdapter, InterruptToCheckpoint, ProgressBar
+from .checkpoints import (
+    AtomicCheckpoints,
+    discard_checkpoints,
+    disk_full_as_error,
+    latest_checkpoint,
+    prepare_output_dir,
+    space_needed,
+)
 from .config import Config, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
 from .families import family_class
 from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
 from .gguf import gguf_source
+from .guards import FiniteLossStep, NonFiniteGuard, TrainingDiverged
 from .models import attach_lora, count_parameters, load_base, resolve_max_length, resolve_model_name
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
@@ -75,11 +86,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
                             f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})")
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
-    _check_output_dir(out, ckpt_dir, resume, overwrite)
-
     set_seed(cfg.train.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     say = echo if rank0 else (lambda *a, **k: None)
+    resume_from = prepare_output_dir(out, ckpt_dir, resume, overwrite, say)  # crash leftovers cleaned here
 
     # 1. Model: base weights frozen, LoRA on the attention projections (encoders: plus a new, fully trained
     #    classification head). The family decides how the model reads the prompt spec.
@@ -129,7 +139,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     args = _training_args(cfg, ckpt_dir, precision, device)
     best = BestAdapter(str(ckpt_dir / BEST), _selection_metric(cfg))
     stop = InterruptToCheckpoint()
-    callbacks = [best, stop, DivergenceGuard(), ProgressBar(say)]
+    callbacks = [NonFiniteGuard(), best, stop, ProgressBar(say)]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     validator = Classifier(family, cfg.predict, mode="score", name="validation")
@@ -142,8 +152,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
-    with stop.installed():
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    # A full disk (checkpoint, best/ or final/) ends in one sentence; the last complete checkpoint stays resumable.
+    disk_full = disk_full_as_error(out, lambda: space_needed(ckpt_dir, model), lambda: latest_checkpoint(ckpt_dir) is not None)
+    with stop.installed(), disk_full:
+        result = trainer.train(resume_from_checkpoint=resume_from)
     # On resume the Trainer rebuilds stateful callbacks from the checkpoint: use the live instance.
     best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BestAdapter))
     if stop.requested:
@@ -166,8 +178,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     final = out / FINAL
     if rank0:
         meta = _metadata(cfg, splits, base, model_name, spec, targets, saved_modules, metrics)
-        _write_final(ckpt_dir / BEST, final, meta, base.tokenizer)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)  # a finished run has nothing left to resume
+        with disk_full_as_error(final, lambda: space_needed(ckpt_dir, model), lambda: True):
+            _write_final(ckpt_dir / BEST, final, meta, base.tokenizer)
+        discard_checkpoints(out, ckpt_dir)  # a finished run has nothing left to resume
     say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
         f"{metrics['train_samples_per_second'] or 0:.1f} examples/s; adapter: {final}")
     return TrainResult(final, metrics)
@@ -175,19 +188,6 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
 
 # --------------------------------------------------------------------------------------------------
 # Helpers, in the order the recipe uses them.
-
-def _check_output_dir(out: Path, ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
-    has_ckpt = ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*"))
-    if resume and not has_ckpt:
-        raise LoratuneError(f"--resume: no checkpoint in {ckpt_dir} to continue from")
-    if has_ckpt and not resume and not overwrite and int(os.environ.get("RANK", "0")) == 0:
-        raise LoratuneError(
-            f"{ckpt_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
-            f"or --overwrite to start over"
-        )
-    if overwrite and not resume and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-
 
 def _precision(requested: str, device) -> str:
     if requested != "auto":
@@ -242,7 +242,7 @@ def _selection_metric(cfg: Config) -> str:
     return "micro_f1" if cfg.data.multi_label else "accuracy"
 
 
-class ClassifierTrainer(Trainer):
+class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
     """HF Trainer whose evaluation adds end-to-end label accuracy through ``validation``'s Classifier (score mode).
 
     Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.
