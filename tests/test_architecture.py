@@ -140,7 +140,7 @@ def test_missing_key_and_bad_max_length_are_refused():
         AdapterMeta.from_dict(data)
     data = meta_dict()
     data["prompt"]["max_length"] = "abc"
-    with pytest.raises(LoratuneError, match="max_length must be a positive integer"):
+    with pytest.raises(LoratuneError, match="max_length must be an integer >= 8"):
         AdapterMeta.from_dict(data)
 
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+from conftest import LABELS
 
 from loratune.serve import DeadlineExceeded, MicroBatcher, ModelPool, create_app, listen, server_config
 
@@ -46,7 +47,7 @@ class Recorder:
 def classifier(tiny_t5):
     from loratune.predict import Classifier
 
-    return Classifier.from_pretrained(tiny_t5, batch_size=4)
+    return Classifier.from_pretrained(tiny_t5, batch_size=4, labels=LABELS)
 
 
 @pytest.fixture
@@ -311,7 +312,7 @@ def test_serve_passes_threshold_and_allow_empty_from_the_config(trained, tmp_pat
     cfg = load_config(overrides={"predict.threshold": 0.85, "predict.allow_empty": True, "predict.batch_size": 3})
     for adapters in ({"default": adapter}, {"a": adapter, "b": other}):  # merged single adapter; shared base
         pool = pool_loader(adapters, cfg)()
-        assert [(c.threshold, c.allow_empty, c.batch_size) for c in pool.classifiers.values()] == [(0.85, True, 3)] * len(adapters)
+        assert [(c.threshold, c.settings.allow_empty, c.batch_size) for c in pool.classifiers.values()] == [(0.85, True, 3)] * len(adapters)
     # Unset, the adapter's own (calibrated or default) threshold stays.
     pool = pool_loader({"default": adapter}, load_config())()
     assert pool.classifiers["default"].threshold == trained_threshold(adapter)

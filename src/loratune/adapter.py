@@ -129,11 +129,7 @@ class AdapterMeta:
                 f"{adapter_dir} is not a complete loratune adapter (missing {', '.join(missing)}); "
                 f"point --adapter at OUTPUT_DIR/final of a finished run"
             )
-        try:
-            data = json.loads((adapter_dir / META_FILE).read_text(encoding="utf-8"))
-            peft_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        except (ValueError, RecursionError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
-            raise LoratuneError(f"{adapter_dir}: corrupt adapter metadata ({str(exc).splitlines()[0][:200]})") from None
+        data, peft_config = (_read_json(adapter_dir / name) for name in (META_FILE, "adapter_config.json"))
         if not isinstance(peft_config, dict):
             raise LoratuneError(f"{adapter_dir / 'adapter_config.json'}: not a JSON object; the adapter is damaged")
         return cls.from_dict(data, adapter_dir / META_FILE)
@@ -162,6 +158,13 @@ def _spec(data: dict, labels: list, family: str, bad) -> PromptSpec:
         return PromptSpec.from_dict({**prompt, "labels": labels, "multi_label": multi_label, "max_length": max_length})
     except (TypeError, LoratuneError) as exc:
         raise bad(f"prompt is invalid ({exc})") from None
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError, OSError) as exc:  # ValueError: bad JSON, bad UTF-8, a 5000-digit int
+        raise LoratuneError(f"{path}: corrupt adapter metadata ({str(exc).splitlines()[0][:200]})") from None
 
 
 def _text(value) -> bool:
@@ -218,7 +221,8 @@ def _adapter_tokenizer(auto, adapter_dir: Path):
     try:
         return auto.from_pretrained(str(adapter_dir))
     except Exception as exc:  # tokenizers raise many types on a damaged file; all mean the same to the user
-        raise LoratuneError(f"cannot load the tokenizer saved in {adapter_dir}: {str(exc).splitlines()[0][:200]}") from None
+        raise LoratuneError(f"cannot load the tokenizer saved with adapter {adapter_dir} (tokenizer.json): "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
 
 
 def check_shared_base(metas: Mapping[str, AdapterMeta], base_model: str | None = None) -> None:
