@@ -188,20 +188,27 @@ class CausalLabelScorer:
         return out
 
 
-def naive_label_logprobs(model, prompt_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]]) -> np.ndarray:
-    """Reference scorer: one full forward of ``prompt + label`` per (prompt, label), full-vocabulary logits.
+def naive_label_logprobs(model, prompt_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
+                         batch_size: int = 64) -> np.ndarray:
+    """Reference scorer: the full ``prompt + label`` sequence through the model for every (prompt, label) pair,
+    full-vocabulary logits at every position (right-padded batches of prompts, one label at a time).
 
     Slow by design (tests and benchmarks only): the definition the fast scorer must match.
     """
     device = next(model.parameters()).device
     out = np.zeros((len(prompt_ids), len(label_ids)), dtype=np.float64)
     with torch.inference_mode():
-        for i, prompt in enumerate(prompt_ids):
-            for j, label in enumerate(label_ids):
-                ids = torch.tensor([list(prompt) + list(label)], device=device)
-                logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1]
-                logp = logits.float().log_softmax(-1).gather(-1, ids[0, len(prompt):, None])
-                out[i, j] = float(logp.sum())
+        for j, label in enumerate(label_ids):
+            for start in range(0, len(prompt_ids), batch_size):
+                seqs = [list(p) + list(label) for p in prompt_ids[start:start + batch_size]]
+                width = max(len(x) for x in seqs)
+                ids = torch.tensor([x + [0] * (width - len(x)) for x in seqs], device=device)
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
+                logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+                for r, x in enumerate(seqs):
+                    n = len(x) - len(label)  # positions n-1 .. len-2 predict the label's tokens
+                    steps = logp[r, n - 1: len(x) - 1].gather(-1, ids[r, n: len(x), None])
+                    out[start + r, j] = float(steps.sum())
     return out
 
 
