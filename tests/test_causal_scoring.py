@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from loratune.causal_scoring import CausalLabelScorer, causal_lm_loss, naive_label_logprobs, split_shared_prefix
+from loratune.causal_scoring import (
+    CausalLabelScorer,
+    causal_lm_loss,
+    naive_label_logprobs,
+    shared_prefix_lm_loss,
+    split_shared_prefix,
+)
 from loratune.prompt import format_example
 from loratune.tokenize import causal_collator, causal_label_ids, causal_prompt_ids, encode_causal
 
@@ -136,3 +142,34 @@ def test_causal_lm_loss_equals_model_loss_and_gradients(causal, demo_rows, wrapp
     assert abs(ours.item() - theirs.item()) < 1e-5
     for a, b in zip(grads(ours), grads(model(**batch).loss)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["base", "peft-lora"])
+def test_shared_prefix_loss_equals_full_prompt_loss_and_gradients(causal, demo_rows, wrapped):
+    model, tokenizer = causal
+    model = _lora(model) if wrapped else __import__("copy").deepcopy(model)
+    model.train()
+    rows = demo_rows["train"][:6]
+    prompts = [format_example(r["text"], LABELS) for r in rows]
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    full = causal_collator(tokenizer)(encode_causal(tokenizer, prompts, [r["label"] for r in rows], 512,
+                                                    chat_template=True).features)
+    prompt_ids, _ = causal_prompt_ids(tokenizer, prompts, 512, chat_template=True)
+    prefix, _ = split_shared_prefix(prompt_ids)
+    n = len(prefix)
+    suffix = {k: v[:, n:] for k, v in full.items()}  # every row starts with the same prefix ids
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, our_grads = loss_and_grads(lambda: shared_prefix_lm_loss(model, prefix, suffix["input_ids"],
+                                                                   suffix["attention_mask"], suffix["labels"]))
+    theirs, their_grads = loss_and_grads(lambda: model(**full).loss)
+    assert abs(ours - theirs) < 1e-5
+    for a, b in zip(our_grads, their_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="first suffix token"):
+        shared_prefix_lm_loss(model, prefix, suffix["input_ids"], suffix["attention_mask"], suffix["input_ids"])

@@ -49,6 +49,79 @@ def _cache_argument(decoder) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
+class _SharedPrefixLayer:
+    """A cache layer holding a prefix's keys/values expanded to the batch (views: no copy per row or label).
+
+    ``update`` returns prefix + new keys/values for attention but does not keep them: each layer's concatenation
+    is freed once that layer's attention ran, instead of 30 layers of (batch x prompt) KV staying alive. With
+    autograd on, gradients flow back through the expansion into the one prefix computation.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_initialized = True
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, b: int):
+        self.keys, self.values = keys.expand(b, -1, -1, -1), values.expand(b, -1, -1, -1)
+        self.device = keys.device
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+
+def _prefix_cache(config, prefix_kv: Sequence[tuple[torch.Tensor, torch.Tensor]], b: int):
+    """A DynamicCache whose layers serve the prefix KV to ``b`` rows (see :class:`_SharedPrefixLayer`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    for i, (layer, (k, v)) in enumerate(zip(cache.layers, prefix_kv)):
+        if type(layer) is not DynamicLayer:  # sliding-window layers would drop prefix tokens
+            raise NotImplementedError(f"shared-prefix scoring needs full-attention cache layers, got {type(layer).__name__}")
+        cache.layers[i] = _SharedPrefixLayer(k, v, b)
+    return cache
+
+
+def _prefix_forward(decoder, cache_name: str, config, prefix_ids: Sequence[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values) of one prefix (batch 1), with autograd history when grad is enabled."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
+    cache = DynamicCache(config=config)
+    decoder(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=device)[None], use_cache=True,
+            **{cache_name: cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _tree_mask(lengths: torch.Tensor, width: int, node_visible: torch.Tensor | None, n_prefix: int, dtype) -> torch.Tensor:
+    """(b, 1, Q, n_prefix + Q) additive mask over [prefix | right-padded suffix | trie nodes].
+
+    Every query sees the whole prefix. Suffix tokens are causal over their row's real tokens; padding is seen by
+    nothing but itself (so no query row is empty); a trie node sees its row's real suffix and ``node_visible``
+    (its ancestors and itself).
+    """
+    dev, b = lengths.device, len(lengths)
+    n_nodes = 0 if node_visible is None else len(node_visible)
+    n_q = width + n_nodes
+    steps = torch.arange(width, device=dev)
+    real = steps[None, :] < lengths[:, None]  # (b, width)
+    visible = torch.zeros(b, n_q, n_q, dtype=torch.bool, device=dev)
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    visible[:, :width, :width] = (causal & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=dev)
+    if n_nodes:
+        visible[:, width:, :width] = real[:, None, :]
+        visible[:, width:, width:] = node_visible
+    mask = torch.zeros(b, 1, n_q, n_prefix + n_q, dtype=dtype, device=dev)
+    mask[:, 0, :, n_prefix:].masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask
+
+
 class CausalLabelScorer:
     """Summed log-probability of each label's tokens after ``prefix + suffix_i``, for a causal LM.
 
@@ -90,28 +163,9 @@ class CausalLabelScorer:
         if key != self._prefix:
             self.invalidate()
             if key:
-                from transformers import DynamicCache
-
-                ids = torch.tensor([key], dtype=torch.long, device=self.device)
-                cache = DynamicCache(config=self.config)
-                self.decoder(input_ids=ids, position_ids=torch.arange(len(key), device=self.device)[None],
-                             use_cache=True, **{self._cache_name: cache})
-                self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+                self._prefix_kv = _prefix_forward(self.decoder, self._cache_name, self.config, key, self.device)
             self._prefix = key
         return self._prefix_kv
-
-    def _expanded_cache(self, b: int):
-        """A DynamicCache whose layers hold the prefix KV expanded to ``b`` rows: views, no copy."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        cache = DynamicCache(config=self.config)
-        for layer, (k, v) in zip(cache.layers, self._prefix_kv):
-            if type(layer) is not DynamicLayer:  # sliding-window layers would drop prefix tokens
-                raise NotImplementedError(f"shared-prefix scoring needs full-attention cache layers, got {type(layer).__name__}")
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
-        return cache
 
     @torch.inference_mode()
     def score_batch(self, prefix_ids: Sequence[int], suffix_ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -134,18 +188,10 @@ class CausalLabelScorer:
         # A node at depth d stands where a label's d-th token sits after this example's suffix.
         positions = torch.cat([steps.expand(b, -1), (lengths - 1)[:, None] + t.depth[1:][None]], 1) + n_prefix
 
-        # Tree attention over [prefix | suffix | nodes]: True = visible.
-        real = steps[None, :] < lengths[:, None]  # (b, width)
-        visible = torch.zeros(b, n_q, n_q, dtype=torch.bool, device=dev)
-        visible[:, :width, :width] = torch.ones(width, width, dtype=torch.bool, device=dev).tril() & real[:, None, :]
-        visible[:, width:, :width] = real[:, None, :]
-        visible[:, width:, width:] = t.visible[1:, 1:]
-        visible[:, :width, :width] |= torch.eye(width, dtype=torch.bool, device=dev)  # padding sees itself: no empty rows
         dtype = self.decoder.get_input_embeddings().weight.dtype
-        mask = torch.zeros(b, 1, n_q, n_prefix + n_q, dtype=dtype, device=dev)
-        mask[:, 0, :, n_prefix:].masked_fill_(~visible, torch.finfo(dtype).min)
+        mask = _tree_mask(lengths, width, t.visible[1:, 1:], n_prefix, dtype)
 
-        extra = {self._cache_name: self._expanded_cache(b), "use_cache": True} if n_prefix else {"use_cache": False}
+        extra = {self._cache_name: _prefix_cache(self.config, kv, b), "use_cache": True} if n_prefix else {"use_cache": False}
         hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
         # Row n of each example: the hidden state that predicts the children of trie node n (root = last suffix token).
         root = hidden[torch.arange(b, device=dev), lengths - 1]
@@ -239,3 +285,33 @@ def split_shared_prefix(prompt_ids: Sequence[Sequence[int]], min_suffix: int = 1
     while n < limit and all(x[n] == first[n] for x in prompt_ids):
         n += 1
     return list(first[:n]), [list(x[n:]) for x in prompt_ids]
+
+
+def shared_prefix_lm_loss(model, prefix_ids: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          labels: torch.Tensor) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``prefix_ids + row`` for every row, with the prefix run once per batch.
+
+    ``input_ids`` hold only each example's suffix (text, answer cue, target, EOS), right-padded; ``labels`` mask
+    everything but the target with -100 and may not label the first suffix token. The prefix forward keeps its
+    graph, so LoRA gradients flow through it once per batch instead of once per example. (Dropout inside the
+    prefix, if any, is drawn once for the whole batch.)
+    """
+    if (labels[:, 0] != IGNORE_INDEX).any():
+        raise ValueError("the first suffix token cannot be a label: the prefix's last position would predict it")
+    base = _base(model)
+    decoder, config = base.get_decoder(), base.config
+    device, (b, width) = input_ids.device, input_ids.shape
+    cache_name = _cache_argument(decoder)
+    n_prefix = len(prefix_ids)
+    extra = {"use_cache": False}
+    if n_prefix:
+        kv = _prefix_forward(decoder, cache_name, config, prefix_ids, device)
+        extra = {cache_name: _prefix_cache(config, kv, b), "use_cache": True}
+    dtype = decoder.get_input_embeddings().weight.dtype
+    mask = _tree_mask(attention_mask.sum(1), width, None, n_prefix, dtype)
+    positions = (torch.arange(width, device=device) + n_prefix).expand(b, -1)
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="mean")
