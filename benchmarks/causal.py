@@ -1,7 +1,9 @@
 """Causal-LM label scoring and training steps on SmolLM2-135M's shape, at 5, 77 and 151 labels (issue 15).
 
-    python -m benchmarks.causal            # full run (30 layers) -> benchmarks/results/causal-<date>.json + docs table
-    python -m benchmarks.causal --quick    # 4 layers, fewer examples: a ~2-5 min smoke run on 2 cores
+    python -m benchmarks.causal            # full run (30 layers; ~50 min on 2 loaded cores) -> results/causal-<date>.json
+                                           #   and its table in docs/BENCHMARKS.md
+    python -m benchmarks.causal --repeats 2   # the same, 2 interleaved repetitions instead of 3
+    python -m benchmarks.causal --quick    # 4 layers, 16 examples, 1 repetition: a ~2-3 min smoke run
 
 What runs, all in this one process, interleaved per repetition; tables quote medians:
 * scoring: ``causal_scoring.CausalLabelScorer`` (prefix KV once, one tree-attention pass per batch of 32,
@@ -79,9 +81,10 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool, naive_cap_gb: float) -> Settings:
         if quick:
-            return cls(True, 4, (5, 77, 151), n_score=32, n_naive=2, repeats=1, train_batch=4,
+            return cls(True, 4, (5, 77, 151), n_score=16, n_naive=1, repeats=1, train_batch=4,
                        train_label_counts=(5, 77), naive_cap_gb=naive_cap_gb)
-        return cls(False, 30, (5, 77, 151), n_score=32, n_naive=2, repeats=3, train_batch=8,
+        # The naive scorer takes minutes per example at 151 labels on 2 cores: one example per repetition.
+        return cls(False, 30, (5, 77, 151), n_score=32, n_naive=1, repeats=3, train_batch=8,
                    train_label_counts=(5, 77), naive_cap_gb=naive_cap_gb)
 
 
@@ -319,7 +322,7 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` on {m['date']}: {m['cpu']}, {m['logical_cpus']} logical CPUs shared with other jobs "
         f"(load average at start {m['load_average_at_start']}), torch {m['torch']} ({m['torch_threads']} threads), "
         f"transformers {m['transformers']}. Tokenizer: {r['tokenizer']}. Random weights; medians of {s['repeats']} "
-        "interleaved repetitions. Naive = the previous `predict.causal_label_logprobs`; where a batch of 32 would "
+        "interleaved repetitions (the naive scorer: one example per repetition). Naive = the previous `predict.causal_label_logprobs`; where a batch of 32 would "
         f"exceed {s['naive_cap_gb']} GB it runs at a smaller batch or in label chunks (columns `batch`, `chunk`).",
         "",
         "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB | ratio |",
@@ -366,8 +369,10 @@ def update_docs(table: str, path: Path = DOCS) -> None:
     write_text(path, text)
 
 
-def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, echo=print) -> dict:
+def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, repeats: int | None = None, echo=print) -> dict:
     s = Settings.for_mode(quick, naive_cap_gb)
+    if repeats:
+        s.repeats = repeats
     tokenizer, tok_name = load_tokenizer()
     model = build_model(s.layers, s.seed)
     lora = with_lora(model, s.seed + 1)
@@ -380,7 +385,7 @@ def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, echo=print) -> 
         scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo)
     del scoring_model
     training = training_rows(s, model, tokenizer, loads, echo)
-    command = "python -m benchmarks.causal" + (" --quick" if quick else "")
+    command = "python -m benchmarks.causal" + (" --quick" if quick else "") + (f" --repeats {repeats}" if repeats else "")
     result = dict(command=command, machine=machine_info(torch.device("cpu")), tokenizer=tok_name,
                   settings=asdict(s), model=SMOLLM2_135M | {"num_hidden_layers": s.layers}, scoring=scoring,
                   training=training, targets=evaluate_targets(scoring, training))
@@ -401,9 +406,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="4 layers, 1 repetition: a smoke run")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--naive-cap-gb", type=float, default=2.5, help="memory the naive scorer may use (estimated)")
+    parser.add_argument("--repeats", type=int, help="interleaved repetitions (default: 3, quick: 1)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
-    run(args.quick, args.output_dir, args.naive_cap_gb, docs=not args.no_docs and not args.quick)
+    run(args.quick, args.output_dir, args.naive_cap_gb, docs=not args.no_docs and not args.quick, repeats=args.repeats)
 
 
 if __name__ == "__main__":
