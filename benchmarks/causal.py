@@ -49,17 +49,26 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs" / "BENCHMARKS.md"
 SMOLLM2_135M = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-    bos_token_id=1, eos_token_id=2, hidden_act="silu",
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_act="silu",
 )
 LABEL_HEADS = (
     "card account bill flight hotel car phone alarm timer music weather travel order pay credit bank insurance "
     "meeting calendar reminder recipe restaurant"
 ).split()
 LABEL_TAILS = "status balance change cancel book limit history request update reset info due report".split()
-TARGETS = {"score_151_vs_naive": 10.0, "score_151_peak_gb_batch32": 4.0, "score_151_per_example_vs_5": 4.0,
-           "train_77_vs_naive": 5.0}
+TARGETS = {"score_151_vs_naive": 10.0, "score_151_peak_gb_batch32": 4.0, "score_151_per_example_vs_5": 4.0, "train_77_vs_naive": 5.0}
 MAX_LENGTH = 4096  # never truncate: the 151-label prompt is ~1k tokens
 
 
@@ -81,11 +90,21 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool, naive_cap_gb: float) -> Settings:
         if quick:
-            return cls(True, 4, (5, 77, 151), n_score=16, n_naive=1, repeats=1, train_batch=4,
-                       train_label_counts=(5, 77), naive_cap_gb=naive_cap_gb)
+            return cls(
+                True,
+                4,
+                (5, 77, 151),
+                n_score=16,
+                n_naive=1,
+                repeats=1,
+                train_batch=4,
+                train_label_counts=(5, 77),
+                naive_cap_gb=naive_cap_gb,
+            )
         # The naive scorer takes minutes per example at 151 labels on 2 cores: one example per repetition.
-        return cls(False, 30, (5, 77, 151), n_score=32, n_naive=1, repeats=3, train_batch=8,
-                   train_label_counts=(5, 77), naive_cap_gb=naive_cap_gb)
+        return cls(
+            False, 30, (5, 77, 151), n_score=32, n_naive=1, repeats=3, train_batch=8, train_label_counts=(5, 77), naive_cap_gb=naive_cap_gb
+        )
 
 
 def synthetic_labels(n: int) -> list[str]:
@@ -135,8 +154,9 @@ def with_lora(model, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    return get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                           init_lora_weights=False))
+    return get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
 
 
 @dataclass
@@ -182,14 +202,19 @@ def naive_plan(cfg, w: Workload, cap_gb: float) -> tuple[int, int, float]:
 
 
 def naive_scores(model, tokenizer, w: Workload, n: int, batch: int, chunk: int) -> np.ndarray:
-    cols = [causal_label_logprobs(model, tokenizer, w.prompts[:n], w.labels[i:i + chunk], batch_size=batch,
-                                  max_length=MAX_LENGTH, chat_template=True) for i in range(0, w.n_labels, chunk)]
+    cols = [
+        causal_label_logprobs(
+            model, tokenizer, w.prompts[:n], w.labels[i : i + chunk], batch_size=batch, max_length=MAX_LENGTH, chat_template=True
+        )
+        for i in range(0, w.n_labels, chunk)
+    ]
     return np.concatenate(cols, 1)
 
 
-def timed(fn):
+def timed(fn, *args, **kwargs):
+    """(fn's result, wall seconds)."""
     t0 = time.perf_counter()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.perf_counter() - t0
 
 
@@ -198,38 +223,57 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
     scorers = {n: CausalLabelScorer(model, w.label_ids) for n, w in loads.items()}
     info = {}
     for n, w in loads.items():  # the prefix KV is computed once per model/adapter: timed separately
-        _, prefix_s = timed(lambda: scorers[n].prefix_kv(w.prefix))
+        _, prefix_s = timed(scorers[n].prefix_kv, w.prefix)
         batch, chunk, est = naive_plan(model.config, w, s.naive_cap_gb)
-        info[n] = dict(prefix_tokens=len(w.prefix), mean_suffix_tokens=round(statistics.mean(map(len, w.suffixes)), 1),
-                       mean_label_tokens=round(statistics.mean(map(len, w.label_ids)), 2), trie_nodes=scorers[n].n_nodes,
-                       prefix_kv_s=round(prefix_s, 2), naive_batch=batch, naive_label_chunk=chunk,
-                       naive_est_gb=round(est, 2))
+        info[n] = dict(
+            prefix_tokens=len(w.prefix),
+            mean_suffix_tokens=round(statistics.mean(map(len, w.suffixes)), 1),
+            mean_label_tokens=round(statistics.mean(map(len, w.label_ids)), 2),
+            trie_nodes=scorers[n].n_nodes,
+            prefix_kv_s=round(prefix_s, 2),
+            naive_batch=batch,
+            naive_label_chunk=chunk,
+            naive_est_gb=round(est, 2),
+        )
     agreement = {}
     for rep in range(s.repeats):
         for n, w in loads.items():
             with PeakMemory(torch.device("cpu")) as mem:
-                fast, sec = timed(lambda: scorers[n].score(w.prefix, w.suffixes[:s.n_score], batch_size=s.score_batch))
+                fast, sec = timed(scorers[n].score, w.prefix, w.suffixes[: s.n_score], batch_size=s.score_batch)
             samples.setdefault((n, "shared-prefix"), []).append(dict(s=sec, n=s.n_score, mem=mem))
             i = info[n]
             with PeakMemory(torch.device("cpu")) as mem:
-                naive, sec = timed(lambda: naive_scores(model, tokenizer, w, s.n_naive, i["naive_batch"], i["naive_label_chunk"]))
+                naive, sec = timed(naive_scores, model, tokenizer, w, s.n_naive, i["naive_batch"], i["naive_label_chunk"])
             samples.setdefault((n, "naive"), []).append(dict(s=sec, n=s.n_naive, mem=mem))
             if rep == 0:
                 a, b = fast[: s.n_naive], naive
-                agreement[n] = dict(max_abs_diff=float(np.abs(a - b).max()),
-                                    ranking_agreement=float((np.argsort(a, 1) == np.argsort(b, 1)).all(1).mean()),
-                                    top1_agreement=float((a.argmax(1) == b.argmax(1)).mean()), examples=s.n_naive)
-            echo(f"  rep {rep + 1}/{s.repeats} {n:>3} labels: shared-prefix {s.n_score / samples[(n, 'shared-prefix')][-1]['s']:.2f} ex/s, "
-                 f"naive {s.n_naive / samples[(n, 'naive')][-1]['s']:.3f} ex/s")
+                agreement[n] = dict(
+                    max_abs_diff=float(np.abs(a - b).max()),
+                    ranking_agreement=float((np.argsort(a, 1) == np.argsort(b, 1)).all(1).mean()),
+                    top1_agreement=float((a.argmax(1) == b.argmax(1)).mean()),
+                    examples=s.n_naive,
+                )
+            echo(
+                f"  rep {rep + 1}/{s.repeats} {n:>3} labels: shared-prefix {s.n_score / samples[(n, 'shared-prefix')][-1]['s']:.2f} ex/s, "
+                f"naive {s.n_naive / samples[(n, 'naive')][-1]['s']:.3f} ex/s"
+            )
     rows = []
     for (n, method), runs in samples.items():
-        row = dict(n_labels=n, method=method, batch=s.score_batch if method == "shared-prefix" else info[n]["naive_batch"],
-                   examples=runs[0]["n"], examples_per_s=round(statistics.median(r["n"] / r["s"] for r in runs), 3),
-                   seconds_per_example=round(statistics.median(r["s"] / r["n"] for r in runs), 3))
+        row = dict(
+            n_labels=n,
+            method=method,
+            batch=s.score_batch if method == "shared-prefix" else info[n]["naive_batch"],
+            examples=runs[0]["n"],
+            examples_per_s=round(statistics.median(r["n"] / r["s"] for r in runs), 3),
+            seconds_per_example=round(statistics.median(r["s"] / r["n"] for r in runs), 3),
+        )
         for r in runs:
             r["mem"].merge_into(row)
-        row.update(info[n] if method == "shared-prefix" else
-                   {k: info[n][k] for k in ("naive_label_chunk", "naive_est_gb")} | {"agreement_vs_new": agreement[n]})
+        row.update(
+            info[n]
+            if method == "shared-prefix"
+            else {k: info[n][k] for k in ("naive_label_chunk", "naive_est_gb")} | {"agreement_vs_new": agreement[n]}
+        )
         rows.append(row)
     return rows
 
@@ -250,7 +294,8 @@ def training_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], ech
         "model loss (naive)": lambda full, prefix, suf: lora(**full).loss,
         "label-position loss": lambda full, prefix, suf: causal_lm_loss(lora, full["input_ids"], full["attention_mask"], full["labels"]),
         "shared prefix + label-position loss": lambda full, prefix, suf: shared_prefix_lm_loss(
-            lora, prefix, suf["input_ids"], suf["attention_mask"], suf["labels"]),
+            lora, prefix, suf["input_ids"], suf["attention_mask"], suf["labels"]
+        ),
     }
     samples: dict[tuple[int, str], list[dict]] = {}
     losses: dict[tuple[int, str], float] = {}
@@ -261,23 +306,28 @@ def training_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], ech
         loss.backward()
         return loss.item()
 
-    for n, args in batches.items():  # warm-up: first backward allocates
+    for args in batches.values():  # warm-up: first backward allocates
         step(methods["shared prefix + label-position loss"], args)
     for rep in range(s.repeats):
         for n, args in batches.items():
             for name, fn in methods.items():
                 with PeakMemory(torch.device("cpu")) as mem:
-                    loss, sec = timed(lambda: step(fn, args))
+                    loss, sec = timed(step, fn, args)
                 losses.setdefault((n, name), loss)
                 samples.setdefault((n, name), []).append(dict(s=sec, mem=mem))
                 echo(f"  rep {rep + 1}/{s.repeats} train {n:>3} labels, {name}: {s.train_batch / sec:.2f} ex/s (loss {loss:.5f})")
     rows = []
     for (n, name), runs in samples.items():
-        row = dict(n_labels=n, method=name, batch=s.train_batch,
-                   prompt_tokens=int(batches[n][0]["attention_mask"].sum(1).float().mean()),
-                   examples_per_s=round(statistics.median(s.train_batch / r["s"] for r in runs), 3),
-                   step_s=round(statistics.median(r["s"] for r in runs), 2), loss=losses[(n, name)],
-                   loss_diff_vs_naive=abs(losses[(n, name)] - losses[(n, "model loss (naive)")]))
+        row = dict(
+            n_labels=n,
+            method=name,
+            batch=s.train_batch,
+            prompt_tokens=int(batches[n][0]["attention_mask"].sum(1).float().mean()),
+            examples_per_s=round(statistics.median(s.train_batch / r["s"] for r in runs), 3),
+            step_s=round(statistics.median(r["s"] for r in runs), 2),
+            loss=losses[(n, name)],
+            loss_diff_vs_naive=abs(losses[(n, name)] - losses[(n, "model loss (naive)")]),
+        )
         for r in runs:
             r["mem"].merge_into(row)
         rows.append(row)
@@ -291,26 +341,55 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
     out = []
     new, naive = get(scoring, 151, "shared-prefix", "examples_per_s"), get(scoring, 151, "naive", "examples_per_s")
     if new and naive:
-        out.append(dict(target="151 labels: scoring vs naive", need=f">= {TARGETS['score_151_vs_naive']}x",
-                        got=f"{new / naive:.1f}x", met=new / naive >= TARGETS["score_151_vs_naive"]))
+        out.append(
+            dict(
+                target="151 labels: scoring vs naive",
+                need=f">= {TARGETS['score_151_vs_naive']}x",
+                got=f"{new / naive:.1f}x",
+                met=new / naive >= TARGETS["score_151_vs_naive"],
+            )
+        )
     peak = get(scoring, 151, "shared-prefix", "peak_rss_mb")
     if peak:
-        out.append(dict(target="151 labels: peak RSS at batch 32", need=f"<= {TARGETS['score_151_peak_gb_batch32']} GB",
-                        got=f"{peak / 1024:.2f} GB", met=peak / 1024 <= TARGETS["score_151_peak_gb_batch32"]))
+        out.append(
+            dict(
+                target="151 labels: peak RSS at batch 32",
+                need=f"<= {TARGETS['score_151_peak_gb_batch32']} GB",
+                got=f"{peak / 1024:.2f} GB",
+                met=peak / 1024 <= TARGETS["score_151_peak_gb_batch32"],
+            )
+        )
     c151, c5 = get(scoring, 151, "shared-prefix", "seconds_per_example"), get(scoring, 5, "shared-prefix", "seconds_per_example")
     if c151 and c5:
-        out.append(dict(target="per-example cost 151 vs 5 labels", need=f"<= {TARGETS['score_151_per_example_vs_5']}x",
-                        got=f"{c151 / c5:.1f}x", met=c151 / c5 <= TARGETS["score_151_per_example_vs_5"]))
+        out.append(
+            dict(
+                target="per-example cost 151 vs 5 labels",
+                need=f"<= {TARGETS['score_151_per_example_vs_5']}x",
+                got=f"{c151 / c5:.1f}x",
+                met=c151 / c5 <= TARGETS["score_151_per_example_vs_5"],
+            )
+        )
     t_new = get(training, 77, "shared prefix + label-position loss", "examples_per_s")
     t_naive = get(training, 77, "model loss (naive)", "examples_per_s")
     if t_new and t_naive:
-        out.append(dict(target="77 labels: training step vs naive", need=f">= {TARGETS['train_77_vs_naive']}x",
-                        got=f"{t_new / t_naive:.1f}x", met=t_new / t_naive >= TARGETS["train_77_vs_naive"]))
+        out.append(
+            dict(
+                target="77 labels: training step vs naive",
+                need=f">= {TARGETS['train_77_vs_naive']}x",
+                got=f"{t_new / t_naive:.1f}x",
+                met=t_new / t_naive >= TARGETS["train_77_vs_naive"],
+            )
+        )
     agree = [r["agreement_vs_new"] for r in scoring if r["method"] == "naive"]
-    out.append(dict(target="scores = naive (fp32 rounding)", need="ranking 100%",
-                    got=f"ranking {min(a['ranking_agreement'] for a in agree):.0%}, max |diff| "
-                        f"{max(a['max_abs_diff'] for a in agree):.1e} on {agree[0]['examples']} ex/label count",
-                    met=all(a["ranking_agreement"] == 1.0 for a in agree)))
+    out.append(
+        dict(
+            target="scores = naive (fp32 rounding)",
+            need="ranking 100%",
+            got=f"ranking {min(a['ranking_agreement'] for a in agree):.0%}, max |diff| "
+            f"{max(a['max_abs_diff'] for a in agree):.1e} on {agree[0]['examples']} ex/label count",
+            met=all(a["ranking_agreement"] == 1.0 for a in agree),
+        )
+    )
     return out
 
 
@@ -322,7 +401,8 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` on {m['date']}: {m['cpu']}, {m['logical_cpus']} logical CPUs shared with other jobs "
         f"(load average at start {m['load_average_at_start']}), torch {m['torch']} ({m['torch_threads']} threads), "
         f"transformers {m['transformers']}. Tokenizer: {r['tokenizer']}. Random weights; medians of {s['repeats']} "
-        "interleaved repetitions (the naive scorer: one example per repetition). Naive = the previous `predict.causal_label_logprobs`; where a batch of 32 would "
+        "interleaved repetitions (the naive scorer: one example per repetition). Naive = the previous "
+        "`predict.causal_label_logprobs`; where a batch of 32 would "
         f"exceed {s['naive_cap_gb']} GB it runs at a smaller batch or in label chunks (columns `batch`, `chunk`).",
         "",
         "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB | ratio |",
@@ -334,22 +414,32 @@ def markdown(r: dict) -> str:
         ratio = f"{x['examples_per_s'] / base['examples_per_s']:.1f}x" if base else ""
         if x["method"] == "naive":
             a = x["agreement_vs_new"]
-            method = (f"naive (chunk {x['naive_label_chunk']}, est {x['naive_est_gb']} GB; ranking agreement "
-                      f"{a['ranking_agreement']:.0%}, max diff {a['max_abs_diff']:.1e})")
+            method = (
+                f"naive (chunk {x['naive_label_chunk']}, est {x['naive_est_gb']} GB; ranking agreement "
+                f"{a['ranking_agreement']:.0%}, max diff {a['max_abs_diff']:.1e})"
+            )
             extra = ["", "", ""]
         else:
             method = f"shared-prefix (prefix KV once: {x['prefix_kv_s']} s)"
             extra = [str(x["prefix_tokens"]), str(x["mean_suffix_tokens"]), str(x["trie_nodes"])]
-        lines.append(f"| {x['n_labels']} | {method} | {x['batch']} | {' | '.join(extra)} | {x['examples_per_s']} | "
-                     f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} | {ratio} |")
-    lines += ["", "| labels | training step (LoRA r=8 q,v; loss + backward) | batch | prompt tok | ex/s | step s | "
-                  "peak RSS MB | loss diff vs naive | ratio |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {x['n_labels']} | {method} | {x['batch']} | {' | '.join(extra)} | {x['examples_per_s']} | "
+            f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} | {ratio} |"
+        )
+    lines += [
+        "",
+        "| labels | training step (LoRA r=8 q,v; loss + backward) | batch | prompt tok | ex/s | step s | "
+        "peak RSS MB | loss diff vs naive | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     tb = {(x["n_labels"], x["method"]): x for x in r["training"]}
     for x in r["training"]:
         base = tb[(x["n_labels"], "model loss (naive)")]
-        lines.append(f"| {x['n_labels']} | {x['method']} | {x['batch']} | {x['prompt_tokens']} | {x['examples_per_s']} | "
-                     f"{x['step_s']} | {x.get('peak_rss_mb', '')} | {x['loss_diff_vs_naive']:.1e} | "
-                     f"{x['examples_per_s'] / base['examples_per_s']:.1f}x |")
+        lines.append(
+            f"| {x['n_labels']} | {x['method']} | {x['batch']} | {x['prompt_tokens']} | {x['examples_per_s']} | "
+            f"{x['step_s']} | {x.get('peak_rss_mb', '')} | {x['loss_diff_vs_naive']:.1e} | "
+            f"{x['examples_per_s'] / base['examples_per_s']:.1f}x |"
+        )
     lines += ["", "| target (issue 15) | need | got | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['need']} | {t['got']} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
     return "\n".join(lines) + "\n"
@@ -363,7 +453,7 @@ def update_docs(table: str, path: Path = DOCS) -> None:
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
     block = f"{BEGIN}\n{table}{END}"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip("\n") + "\n\n## Causal LMs: shared-prefix scoring (issue 15)\n\n" + block + "\n"
     write_text(path, text)
@@ -379,16 +469,25 @@ def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, repeats: int | 
     scoring_model = lora.merge_and_unload().eval()  # as Classifier.from_pretrained serves an adapter: merged
     texts = synthetic_texts(max(s.n_score, s.train_batch), s.seed + 2)
     loads = {n: workload(tokenizer, n, texts) for n in s.label_counts}
-    echo(f"SmolLM2 shape, {s.layers} layers, tokenizer: {tok_name}; prefix tokens "
-         + ", ".join(f"{n} labels: {len(w.prefix)}" for n, w in loads.items()))
+    echo(
+        f"SmolLM2 shape, {s.layers} layers, tokenizer: {tok_name}; prefix tokens "
+        + ", ".join(f"{n} labels: {len(w.prefix)}" for n, w in loads.items())
+    )
     with torch.inference_mode():
         scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo)
     del scoring_model
     training = training_rows(s, model, tokenizer, loads, echo)
     command = "python -m benchmarks.causal" + (" --quick" if quick else "") + (f" --repeats {repeats}" if repeats else "")
-    result = dict(command=command, machine=machine_info(torch.device("cpu")), tokenizer=tok_name,
-                  settings=asdict(s), model=SMOLLM2_135M | {"num_hidden_layers": s.layers}, scoring=scoring,
-                  training=training, targets=evaluate_targets(scoring, training))
+    result = dict(
+        command=command,
+        machine=machine_info(torch.device("cpu")),
+        tokenizer=tok_name,
+        settings=asdict(s),
+        model=SMOLLM2_135M | {"num_hidden_layers": s.layers},
+        scoring=scoring,
+        training=training,
+        targets=evaluate_targets(scoring, training),
+    )
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     date = time.strftime("%Y-%m-%d", time.gmtime())
     name = f"causal-{date}{'-quick' if quick else ''}.json"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import LABELS
 
 from loratune.causal_scoring import (
     CausalLabelScorer,
@@ -15,8 +16,6 @@ from loratune.causal_scoring import (
 )
 from loratune.prompt import format_example
 from loratune.tokenize import causal_collator, causal_label_ids, causal_prompt_ids, encode_causal
-
-from conftest import LABELS
 
 # Multi-token labels that share token prefixes with each other, so the trie has shared inner nodes.
 MANY_LABELS = [*LABELS, "billing dispute", "billing refund", "technical issue", "account locked", "other question"]
@@ -152,8 +151,7 @@ def test_shared_prefix_loss_equals_full_prompt_loss_and_gradients(causal, demo_r
     rows = demo_rows["train"][:6]
     prompts = [format_example(r["text"], LABELS) for r in rows]
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    full = causal_collator(tokenizer)(encode_causal(tokenizer, prompts, [r["label"] for r in rows], 512,
-                                                    chat_template=True).features)
+    full = causal_collator(tokenizer)(encode_causal(tokenizer, prompts, [r["label"] for r in rows], 512, chat_template=True).features)
     prompt_ids, _ = causal_prompt_ids(tokenizer, prompts, 512, chat_template=True)
     prefix, _ = split_shared_prefix(prompt_ids)
     n = len(prefix)
@@ -165,8 +163,9 @@ def test_shared_prefix_loss_equals_full_prompt_loss_and_gradients(causal, demo_r
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    ours, our_grads = loss_and_grads(lambda: shared_prefix_lm_loss(model, prefix, suffix["input_ids"],
-                                                                   suffix["attention_mask"], suffix["labels"]))
+    ours, our_grads = loss_and_grads(
+        lambda: shared_prefix_lm_loss(model, prefix, suffix["input_ids"], suffix["attention_mask"], suffix["labels"])
+    )
     theirs, their_grads = loss_and_grads(lambda: model(**full).loss)
     assert abs(ours - theirs) < 1e-5
     for a, b in zip(our_grads, their_grads):

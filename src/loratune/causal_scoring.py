@@ -94,8 +94,7 @@ def _prefix_forward(decoder, cache_name: str, config, prefix_ids: Sequence[int],
 
     ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
     cache = DynamicCache(config=config)
-    decoder(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=device)[None], use_cache=True,
-            **{cache_name: cache})
+    decoder(input_ids=ids, position_ids=torch.arange(len(prefix_ids), device=device)[None], use_cache=True, **{cache_name: cache})
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -207,7 +206,7 @@ class CausalLabelScorer:
         rows = max(1, LOGIT_CHUNK_ELEMENTS // self.lm_head.out_features)
         log_z, picked = [], []
         for start in range(0, b * n, rows):
-            logits = self.lm_head(flat[start:start + rows])
+            logits = self.lm_head(flat[start : start + rows])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             log_z.append(_logsumexp(logits))
             picked.append(logits[:, wanted])
@@ -218,8 +217,7 @@ class CausalLabelScorer:
         steps = picked[:, t.node, column] - log_z[:, t.node]  # (b, L, W)
         return (steps * t.mask.to(steps.dtype)).sum(-1)
 
-    def score(self, prefix_ids: Sequence[int], suffix_ids: Sequence[Sequence[int]], batch_size: int = 32,
-              progress=None) -> np.ndarray:
+    def score(self, prefix_ids: Sequence[int], suffix_ids: Sequence[Sequence[int]], batch_size: int = 32, progress=None) -> np.ndarray:
         """(n, n_labels) float64 summed label log-probs for every prompt ``prefix_ids + suffix_ids[i]``.
 
         Suffixes are batched by length (less padding); rows come back in input order.
@@ -227,15 +225,16 @@ class CausalLabelScorer:
         out = np.zeros((len(suffix_ids), self.n_labels), dtype=np.float64)
         order = sorted(range(len(suffix_ids)), key=lambda i: len(suffix_ids[i]))
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             out[batch] = self.score_batch(prefix_ids, [suffix_ids[i] for i in batch]).double().cpu().numpy()
             if progress is not None:
                 progress(len(batch))
         return out
 
 
-def naive_label_logprobs(model, prompt_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]],
-                         batch_size: int = 64) -> np.ndarray:
+def naive_label_logprobs(
+    model, prompt_ids: Sequence[Sequence[int]], label_ids: Sequence[Sequence[int]], batch_size: int = 64
+) -> np.ndarray:
     """Reference scorer: the full ``prompt + label`` sequence through the model for every (prompt, label) pair,
     full-vocabulary logits at every position (right-padded batches of prompts, one label at a time).
 
@@ -246,14 +245,14 @@ def naive_label_logprobs(model, prompt_ids: Sequence[Sequence[int]], label_ids: 
     with torch.inference_mode():
         for j, label in enumerate(label_ids):
             for start in range(0, len(prompt_ids), batch_size):
-                seqs = [list(p) + list(label) for p in prompt_ids[start:start + batch_size]]
+                seqs = [list(p) + list(label) for p in prompt_ids[start : start + batch_size]]
                 width = max(len(x) for x in seqs)
                 ids = torch.tensor([x + [0] * (width - len(x)) for x in seqs], device=device)
                 mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
                 logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
                 for r, x in enumerate(seqs):
                     n = len(x) - len(label)  # positions n-1 .. len-2 predict the label's tokens
-                    steps = logp[r, n - 1: len(x) - 1].gather(-1, ids[r, n: len(x), None])
+                    steps = logp[r, n - 1 : len(x) - 1].gather(-1, ids[r, n : len(x), None])
                     out[start + r, j] = float(steps.sum())
     return out
 
@@ -287,8 +286,9 @@ def split_shared_prefix(prompt_ids: Sequence[Sequence[int]], min_suffix: int = 1
     return list(first[:n]), [list(x[n:]) for x in prompt_ids]
 
 
-def shared_prefix_lm_loss(model, prefix_ids: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          labels: torch.Tensor) -> torch.Tensor:
+def shared_prefix_lm_loss(
+    model, prefix_ids: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``prefix_ids + row`` for every row, with the prefix run once per batch.
 
     ``input_ids`` hold only each example's suffix (text, answer cue, target, EOS), right-padded; ``labels`` mask
