@@ -17,10 +17,14 @@ prompt's KV cache once per label. :class:`CausalLabelScorer` instead:
 Only the model's own modules run (``get_decoder()`` and ``get_output_embeddings()``), so LoRA layers (PEFT,
 merged or not) and the configured attention implementation are used as they are. Supported: models whose
 decoder accepts a 4D float attention mask, explicit ``position_ids`` and a ``DynamicCache`` of full-attention
-layers (Llama, Mistral without sliding window, Qwen2, SmolLM2, ...). Results equal the naive scorer's to
-float rounding (tests/test_causal_scoring.py).
+layers; tested with Llama (the tiny fixture and SmolLM2's shape). Results equal the naive scorer's
+(:func:`naive_label_logprobs`) to float rounding (tests/test_causal_scoring.py).
 
-:func:`causal_lm_loss` is the model's own causal-LM loss with the LM head applied only at label positions.
+Training: :func:`causal_lm_loss` is the model's own causal-LM loss with the LM head applied only at label
+positions; :func:`shared_prefix_lm_loss` also runs the shared prefix once per batch (graph kept). Both call the
+decoder body directly, not the model's ``forward``: under DistributedDataParallel call them inside the wrapped
+module's forward (DDP prepares its gradient reduction there), never on the unwrapped module.
+:func:`split_shared_prefix` splits token-id prompts into that prefix and the suffixes.
 """
 
 from __future__ import annotations
@@ -134,7 +138,6 @@ class CausalLabelScorer:
         if len({tuple(ids) for ids in label_ids}) != len(label_ids):
             raise ValueError("two labels have the same token ids")
         base = _base(model)
-        self.model = model
         self.decoder = base.get_decoder()
         self.lm_head = base.get_output_embeddings()
         self.config = base.config
@@ -142,6 +145,10 @@ class CausalLabelScorer:
         self.n_labels = len(label_ids)
         # The root's token is never fed (the suffix's last token plays the root); 0 is a placeholder.
         self.trie = build_label_trie(label_ids, 0).to(self.device)
+        # The vocabulary columns a score reads (label tokens), and each (label, step)'s column among them.
+        self._wanted, where = torch.unique(self.trie.target[self.trie.mask.bool()], return_inverse=True)
+        self._column = torch.zeros_like(self.trie.target)
+        self._column[self.trie.mask.bool()] = where
         self._cache_name = _cache_argument(self.decoder)
         self._prefix: tuple[int, ...] | None = None
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -201,7 +208,6 @@ class CausalLabelScorer:
         """Sum over each label's steps of log p(token | node), from the nodes' hidden states."""
         t = self.trie
         b, n, h = node_hidden.shape
-        wanted, where = torch.unique(t.target[t.mask.bool()], return_inverse=True)
         flat = node_hidden.reshape(b * n, h)
         rows = max(1, LOGIT_CHUNK_ELEMENTS // self.lm_head.out_features)
         log_z, picked = [], []
@@ -209,12 +215,10 @@ class CausalLabelScorer:
             logits = self.lm_head(flat[start : start + rows])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             log_z.append(_logsumexp(logits))
-            picked.append(logits[:, wanted])
+            picked.append(logits[:, self._wanted])
         log_z = torch.cat(log_z).view(b, n)
-        picked = torch.cat(picked).view(b, n, len(wanted))
-        column = torch.zeros_like(t.target)
-        column[t.mask.bool()] = where
-        steps = picked[:, t.node, column] - log_z[:, t.node]  # (b, L, W)
+        picked = torch.cat(picked).view(b, n, len(self._wanted))
+        steps = picked[:, t.node, self._column] - log_z[:, t.node]  # (b, L, W)
         return (steps * t.mask.to(steps.dtype)).sum(-1)
 
     def score(self, prefix_ids: Sequence[int], suffix_ids: Sequence[Sequence[int]], batch_size: int = 32, progress=None) -> np.ndarray:
@@ -261,8 +265,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     """The model's own causal-LM loss (mean cross-entropy of next-token predictions where the shifted ``labels``
     are not -100), with the LM head applied only at those positions instead of at every token.
 
-    Calls the decoder body directly, so under DDP pass the unwrapped model only where DDP's forward is not
-    needed for gradient sync (single process, or FSDP-free setups); see the module docstring.
+    Calls the decoder body directly (see the module docstring about DDP).
     """
     base = _base(model)
     hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
