@@ -235,6 +235,10 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
             naive_label_chunk=chunk,
             naive_est_gb=round(est, 2),
         )
+    # Warm-up, untimed: first calls pay for lazy imports, thread-pool start and allocator growth.
+    small = min(loads)
+    scorers[small].score(loads[small].prefix, loads[small].suffixes[:2])
+    naive_scores(model, tokenizer, loads[small], 1, 1, small)
     agreement = {}
     for rep in range(s.repeats):
         for n, w in loads.items():
