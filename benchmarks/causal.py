@@ -266,7 +266,7 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
         row = dict(
             n_labels=n,
             method=method,
-            batch=s.score_batch if method == "shared-prefix" else info[n]["naive_batch"],
+            batch=s.score_batch if method == "shared-prefix" else min(info[n]["naive_batch"], s.n_naive),
             examples=runs[0]["n"],
             examples_per_s=round(statistics.median(r["n"] / r["s"] for r in runs), 3),
             seconds_per_example=round(statistics.median(r["s"] / r["n"] for r in runs), 3),
@@ -385,15 +385,16 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
             )
         )
     agree = [r["agreement_vs_new"] for r in scoring if r["method"] == "naive"]
-    out.append(
-        dict(
-            target="scores = naive (fp32 rounding)",
-            need="ranking 100%",
-            got=f"ranking {min(a['ranking_agreement'] for a in agree):.0%}, max |diff| "
-            f"{max(a['max_abs_diff'] for a in agree):.1e} on {agree[0]['examples']} ex/label count",
-            met=all(a["ranking_agreement"] == 1.0 for a in agree),
+    if agree:
+        out.append(
+            dict(
+                target="scores = naive (fp32 rounding)",
+                need="ranking 100%",
+                got=f"ranking {min(a['ranking_agreement'] for a in agree):.0%}, max |diff| "
+                f"{max(a['max_abs_diff'] for a in agree):.1e} on {agree[0]['examples']} ex/label count",
+                met=all(a["ranking_agreement"] == 1.0 for a in agree),
+            )
         )
-    )
     return out
 
 
@@ -463,10 +464,21 @@ def update_docs(table: str, path: Path = DOCS) -> None:
     write_text(path, text)
 
 
-def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, repeats: int | None = None, echo=print) -> dict:
+def run(
+    quick: bool,
+    out: Path,
+    naive_cap_gb: float,
+    docs: bool,
+    repeats: int | None = None,
+    train_batch: int | None = None,
+    scoring: bool = True,
+    echo=print,
+) -> dict:
     s = Settings.for_mode(quick, naive_cap_gb)
     if repeats:
         s.repeats = repeats
+    if train_batch:
+        s.train_batch = train_batch
     tokenizer, tok_name = load_tokenizer()
     model = build_model(s.layers, s.seed)
     lora = with_lora(model, s.seed + 1)
@@ -478,10 +490,16 @@ def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, repeats: int | 
         + ", ".join(f"{n} labels: {len(w.prefix)}" for n, w in loads.items())
     )
     with torch.inference_mode():
-        scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo)
+        scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo) if scoring else []
     del scoring_model
     training = training_rows(s, model, tokenizer, loads, echo)
-    command = "python -m benchmarks.causal" + (" --quick" if quick else "") + (f" --repeats {repeats}" if repeats else "")
+    flags = [
+        " --quick" * quick,
+        f" --repeats {repeats}" * bool(repeats),
+        f" --train-batch {train_batch}" * bool(train_batch),
+        " --no-scoring" * (not scoring),
+    ]
+    command = "python -m benchmarks.causal" + "".join(flags)
     result = dict(
         command=command,
         machine=machine_info(torch.device("cpu")),
@@ -494,10 +512,10 @@ def run(quick: bool, out: Path, naive_cap_gb: float, docs: bool, repeats: int | 
     )
     result["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    name = f"causal-{date}{'-quick' if quick else ''}.json"
+    name = f"causal-{date}{'-quick' if quick else ''}{'' if scoring else f'-train{s.train_batch}'}.json"
     write_text(out / name, json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    if docs:
+    if docs and scoring:
         update_docs(table)
     echo(table)
     echo(f"wrote {out / name}")
@@ -510,9 +528,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--naive-cap-gb", type=float, default=2.5, help="memory the naive scorer may use (estimated)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default: 3, quick: 1)")
+    parser.add_argument("--train-batch", type=int, help="examples per training step (default: 8, quick: 4)")
+    parser.add_argument("--no-scoring", action="store_true", help="training rows only (the docs table is not updated)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
-    run(args.quick, args.output_dir, args.naive_cap_gb, docs=not args.no_docs and not args.quick, repeats=args.repeats)
+    run(
+        args.quick,
+        args.output_dir,
+        args.naive_cap_gb,
+        docs=not args.no_docs and not args.quick,
+        repeats=args.repeats,
+        train_batch=args.train_batch,
+        scoring=not args.no_scoring,
+    )
 
 
 if __name__ == "__main__":
