@@ -69,6 +69,7 @@ LABEL_HEADS = (
 ).split()
 LABEL_TAILS = "status balance change cancel book limit history request update reset info due report".split()
 TARGETS = {"score_151_vs_naive": 10.0, "score_151_peak_gb_batch32": 4.0, "score_151_per_example_vs_5": 4.0, "train_77_vs_naive": 5.0}
+TRAIN_MICRO_BATCH = 8
 MAX_LENGTH = 4096  # never truncate: the 151-label prompt is ~1k tokens
 
 
@@ -303,20 +304,35 @@ def training_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], ech
     }
     samples: dict[tuple[int, str], list[dict]] = {}
     losses: dict[tuple[int, str], float] = {}
+    full_prompt = {"model loss (naive)", "label-position loss"}
 
-    def step(fn, args):
+    def step(name, args):
+        """One loss + backward over the batch; full-prompt methods in micro-batches of TRAIN_MICRO_BATCH rows
+        (their activations at 400+ tokens x 16 rows would not fit beside other jobs), each weighted by its label
+        tokens, so the gradient equals the whole batch's."""
         lora.zero_grad(set_to_none=True)
-        loss = fn(*args)
-        loss.backward()
-        return loss.item()
+        full, prefix, suf = args
+        parts = [slice(0, len(full["input_ids"]))]
+        if name in full_prompt:
+            parts = [slice(i, i + TRAIN_MICRO_BATCH) for i in range(0, len(full["input_ids"]), TRAIN_MICRO_BATCH)]
+        n_tokens = int((full["labels"][:, 1:] != -100).sum())
+        total = 0.0
+        for part in parts:
+            sub_full = {k: v[part] for k, v in full.items()}
+            sub_suf = {k: v[part] for k, v in suf.items()}
+            weight = int((sub_full["labels"][:, 1:] != -100).sum()) / n_tokens
+            loss = methods[name](sub_full, prefix, sub_suf) * weight
+            loss.backward()
+            total += loss.item()
+        return total
 
     for args in batches.values():  # warm-up: first backward allocates
-        step(methods["shared prefix + label-position loss"], args)
+        step("shared prefix + label-position loss", args)
     for rep in range(s.repeats):
         for n, args in batches.items():
-            for name, fn in methods.items():
+            for name in methods:
                 with PeakMemory(torch.device("cpu")) as mem:
-                    loss, sec = timed(step, fn, args)
+                    loss, sec = timed(step, name, args)
                 losses.setdefault((n, name), loss)
                 samples.setdefault((n, name), []).append(dict(s=sec, mem=mem))
                 echo(f"  rep {rep + 1}/{s.repeats} train {n:>3} labels, {name}: {s.train_batch / sec:.2f} ex/s (loss {loss:.5f})")
@@ -472,6 +488,7 @@ def run(
     repeats: int | None = None,
     train_batch: int | None = None,
     scoring: bool = True,
+    train_labels: list[int] | None = None,
     echo=print,
 ) -> dict:
     s = Settings.for_mode(quick, naive_cap_gb)
@@ -479,6 +496,8 @@ def run(
         s.repeats = repeats
     if train_batch:
         s.train_batch = train_batch
+    if train_labels:
+        s.train_label_counts = tuple(train_labels)
     tokenizer, tok_name = load_tokenizer()
     model = build_model(s.layers, s.seed)
     lora = with_lora(model, s.seed + 1)
@@ -530,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default: 3, quick: 1)")
     parser.add_argument("--train-batch", type=int, help="examples per training step (default: 8, quick: 4)")
     parser.add_argument("--no-scoring", action="store_true", help="training rows only (the docs table is not updated)")
+    parser.add_argument("--train-labels", type=int, nargs="+", help="label counts for the training rows (default: 5 77)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     run(
@@ -540,6 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         repeats=args.repeats,
         train_batch=args.train_batch,
         scoring=not args.no_scoring,
+        train_labels=args.train_labels,
     )
 
 
