@@ -426,7 +426,7 @@ def markdown(r: dict) -> str:
         "`predict.causal_label_logprobs`; where a batch of 32 would "
         f"exceed {s['naive_cap_gb']} GB it runs at a smaller batch or in label chunks (columns `batch`, `chunk`).",
         "",
-        "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB | ratio |",
+        "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB (growth) | ratio |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     by = {(x["n_labels"], x["method"]): x for x in r["scoring"]}
@@ -445,7 +445,7 @@ def markdown(r: dict) -> str:
             extra = [str(x["prefix_tokens"]), str(x["mean_suffix_tokens"]), str(x["trie_nodes"])]
         lines.append(
             f"| {x['n_labels']} | {method} | {x['batch']} | {' | '.join(extra)} | {x['examples_per_s']} | "
-            f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} | {ratio} |"
+            f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} ({x.get('rss_growth_mb', '')}) | {ratio} |"
         )
     lines += [
         "",
