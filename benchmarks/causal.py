@@ -517,6 +517,7 @@ def run(
         f" --repeats {repeats}" * bool(repeats),
         f" --train-batch {train_batch}" * bool(train_batch),
         " --no-scoring" * (not scoring),
+        f" --train-labels {' '.join(map(str, train_labels or []))}" * bool(train_labels),
     ]
     command = "python -m benchmarks.causal" + "".join(flags)
     result = dict(
