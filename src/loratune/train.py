@@ -265,6 +265,7 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        self.validator.family.invalidate()  # the weights moved since the last evaluation
         try:
             if self.validator.multi_label:
                 pred = torch.from_numpy(decide_labels(self.validator.predict_proba(texts)))

@@ -48,8 +48,9 @@ def causal_score_ids(model, pad_id: int, prompt_ids: Sequence[Sequence[int]], la
                      batch_size: int = 32, progress=None) -> np.ndarray:
     """Summed log-probability of each label's ids (with EOS) after each prompt: an (N, L) array.
 
-    Each prompt batch runs once (left-padded); its KV cache is then repeated per label and all label
-    continuations run in one batched pass, so the prompt is never re-encoded per label.
+    The plain way, kept as the reference: each prompt batch runs once (left-padded), its KV cache is repeated
+    per label and all label continuations run in one batched pass. The family scores with the shared-prefix
+    scorer (:mod:`loratune.causal_scoring`) instead.
     """
     import torch
 
@@ -117,6 +118,10 @@ class CausalFamily(Family):
     peft_task_type = "CAUSAL_LM"
     exports_gguf = True
 
+    def __init__(self, model, tokenizer, spec):
+        super().__init__(model, tokenizer, spec)
+        self._scorer, self._prefix = None, None
+
     @classmethod
     def load_model(cls, source, config, tokenizer, labels, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -179,8 +184,34 @@ class CausalFamily(Family):
         return causal_collator(self.tokenizer, pad_to_multiple_of)
 
     def label_logprobs(self, texts, batch_size=32, progress=None):
-        return causal_score_ids(self.model, self.tokenizer.pad_token_id, self.prompt_ids(texts).ids,
-                                causal_label_ids(self.tokenizer, self.spec.labels), batch_size, progress)
+        """Every prompt is the spec's shared prefix (chat header, instruction, label list) + its own suffix (text,
+        cue): the prefix's KV is computed once per model state and the labels are scored over a trie."""
+        from ..causal_scoring import CausalLabelScorer
+
+        if self._scorer is None:
+            self._scorer = CausalLabelScorer(self.model, causal_label_ids(self.tokenizer, self.spec.labels))
+        ids, prefix = self.prompt_ids(texts).ids, self.shared_prefix()
+        shared = [i for i, x in enumerate(ids) if x[: len(prefix)] == prefix and len(x) > len(prefix)]
+        out = np.zeros((len(ids), len(self.spec.labels)))
+        out[shared] = self._scorer.score(prefix, [ids[i][len(prefix):] for i in shared], batch_size, progress)
+        # A prompt whose text merged into the prefix's last token (rare with BPE) is scored the plain way.
+        other = sorted(set(range(len(ids))) - set(shared))
+        if other:
+            out[other] = causal_score_ids(self.model, self.tokenizer.pad_token_id, [ids[i] for i in other],
+                                          causal_label_ids(self.tokenizer, self.spec.labels), batch_size, progress)
+        return out
+
+    def shared_prefix(self) -> list[int]:
+        """The token ids every prompt starts with: the common prefix of two prompts with different texts."""
+        if self._prefix is None:
+            a, b = self.prompt_ids(["alpha", "zulu"]).ids
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            self._prefix = a[:n]
+        return self._prefix
+
+    def invalidate(self) -> None:
+        if self._scorer is not None:
+            self._scorer.invalidate()
 
     def generate(self, texts, batch_size=32, max_new_tokens=32, progress=None):
         import torch

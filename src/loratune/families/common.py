@@ -116,6 +116,9 @@ class Family:
         """Token ids of each text's rendered prompt, within the budget."""
         return self.spec.encode(self.tokenizer, texts)
 
+    def invalidate(self) -> None:
+        """Forget anything computed from the weights (e.g. a cached prompt prefix): they changed."""
+
     def encode(self, texts: Sequence[str], targets: Sequence[str] | None = None) -> Encoded:
         """Training (or validation) features for ``texts`` and their target strings."""
         raise NotImplementedError
