@@ -211,8 +211,7 @@ def naive_plan(cfg, w: Workload, cap_gb: float) -> tuple[int, int, float]:
 def naive_scores(model, tokenizer, w: Workload, n: int, batch: int, chunk: int) -> np.ndarray:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     cols = [
-        causal_score_ids(model, pad, w.prompt_ids[:n], w.label_ids[i : i + chunk], batch_size=batch)
-        for i in range(0, w.n_labels, chunk)
+        causal_score_ids(model, pad, w.prompt_ids[:n], w.label_ids[i : i + chunk], batch_size=batch) for i in range(0, w.n_labels, chunk)
     ]
     return np.concatenate(cols, 1)
 

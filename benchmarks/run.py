@@ -99,14 +99,35 @@ class Settings:
     @classmethod
     def for_mode(cls, quick: bool) -> Settings:
         if quick:
-            return cls(quick=True, n_tickets=32, n_sweep=16, n_single=3, batch_sizes=(1, 32), repeats=1,
-                       matmul_n=2048, n_fp64=2, train_samples=16, naive_train_steps=1)
-        return cls(quick=False, n_tickets=512, n_sweep=128, n_single=32, batch_sizes=(1, 8, 32, 64), repeats=3,
-                   matmul_n=4096, n_fp64=32, train_samples=256, naive_train_steps=5)
+            return cls(
+                quick=True,
+                n_tickets=32,
+                n_sweep=16,
+                n_single=3,
+                batch_sizes=(1, 32),
+                repeats=1,
+                matmul_n=2048,
+                n_fp64=2,
+                train_samples=16,
+                naive_train_steps=1,
+            )
+        return cls(
+            quick=False,
+            n_tickets=512,
+            n_sweep=128,
+            n_single=32,
+            batch_sizes=(1, 8, 32, 64),
+            repeats=3,
+            matmul_n=4096,
+            n_fp64=32,
+            train_samples=256,
+            naive_train_steps=5,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring: time, memory, threads, FLOPs.
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -201,8 +222,15 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> Shape:
-        return cls(config.d_model, config.num_heads * config.d_kv, config.d_ff, config.vocab_size,
-                   config.num_layers, config.num_decoder_layers, config.is_gated_act)
+        return cls(
+            config.d_model,
+            config.num_heads * config.d_kv,
+            config.d_ff,
+            config.vocab_size,
+            config.num_layers,
+            config.num_decoder_layers,
+            config.is_gated_act,
+        )
 
     def _ff(self, tokens: int) -> int:
         return 2 * tokens * (3 if self.gated else 2) * self.d * self.d_ff
@@ -216,8 +244,11 @@ class Shape:
 
     def decoder(self, queries: int, self_keys: int, s: int) -> int:
         """Decoder blocks for ``queries`` positions attending to ``self_keys`` decoder and ``s`` encoder positions."""
-        per_layer = (2 * queries * 6 * self.d * self.inner  # self q, k, v, o + cross q, o
-                     + 4 * queries * (self_keys + s) * self.inner + self._ff(queries))
+        per_layer = (
+            2 * queries * 6 * self.d * self.inner  # self q, k, v, o + cross q, o
+            + 4 * queries * (self_keys + s) * self.inner
+            + self._ff(queries)
+        )
         return self.dec_layers * per_layer
 
     def lm_head(self, positions: int) -> int:
@@ -240,6 +271,7 @@ def flops_per_ticket(shape: Shape, lengths, method: str, n_nodes: int, label_len
 
 # --------------------------------------------------------------------------------------------------
 # The model, the tokenizer and the tickets.
+
 
 def build_model(device: torch.device, seed: int):
     """flan-t5-small-shaped T5 with random weights: (stock model as transformers builds it, tokenizer)."""
@@ -308,6 +340,7 @@ def stratified(prompts: list[str], lengths: list[int], n: int) -> tuple[list[str
 # --------------------------------------------------------------------------------------------------
 # Prediction.
 
+
 @dataclass
 class Case:
     name: str
@@ -368,19 +401,37 @@ def prediction_cases(s: Settings, merged, unmerged, stock_merged, int8, tokenize
         cases.append(Case("score, naive (reference)", "naive", naive(merged, b), *subset, b, notes="batch sweep"))
     cases += [
         Case("score, fast", "fast", fast(merged, DEFAULT_BATCH), *sweep, DEFAULT_BATCH, threads=1, notes="1 thread"),
-        Case("generate, per ticket (seed)", "generate", gen(1, MAX_NEW_TOKENS), *single, 1, threads=1,
-             notes="1 thread"),
+        Case("generate, per ticket (seed)", "generate", gen(1, MAX_NEW_TOKENS), *single, 1, threads=1, notes="1 thread"),
         Case("score, fast, unmerged LoRA", "fast", fast(unmerged, DEFAULT_BATCH), *sweep, DEFAULT_BATCH),
-        Case("score, fast, stock gelu_new", "fast", fast(stock_merged, DEFAULT_BATCH), *sweep, DEFAULT_BATCH,
-             notes="without models.use_fused_gelu"),
-        Case("generate, batched, stops after label", "generate", gen(DEFAULT_BATCH, label_len), *sweep,
-             DEFAULT_BATCH, notes=f"max_new_tokens={label_len}: what a tuned adapter emits"),
-        Case("generate, per ticket, stops after label", "generate", gen(1, label_len), *single, 1,
-             notes=f"max_new_tokens={label_len}"),
+        Case(
+            "score, fast, stock gelu_new",
+            "fast",
+            fast(stock_merged, DEFAULT_BATCH),
+            *sweep,
+            DEFAULT_BATCH,
+            notes="without models.use_fused_gelu",
+        ),
+        Case(
+            "generate, batched, stops after label",
+            "generate",
+            gen(DEFAULT_BATCH, label_len),
+            *sweep,
+            DEFAULT_BATCH,
+            notes=f"max_new_tokens={label_len}: what a tuned adapter emits",
+        ),
+        Case("generate, per ticket, stops after label", "generate", gen(1, label_len), *single, 1, notes=f"max_new_tokens={label_len}"),
     ]
     if int8 is not None:
-        cases.append(Case("score, fast, int8 dynamic", "int8", fast(int8, DEFAULT_BATCH), *full, DEFAULT_BATCH,
-                          notes="quantize_dynamic(nn.Linear), CPU"))
+        cases.append(
+            Case(
+                "score, fast, int8 dynamic",
+                "int8",
+                fast(int8, DEFAULT_BATCH),
+                *full,
+                DEFAULT_BATCH,
+                notes="quantize_dynamic(nn.Linear), CPU",
+            )
+        )
     return cases
 
 
@@ -403,13 +454,16 @@ def run_cases(cases: list[Case], s: Settings, device: torch.device, peaks: dict[
             case.times.append(elapsed)
             if rep == 0:
                 case.outputs = out
-            echo(f"  [{rep + 1}/{s.repeats}] {case.name:<40} batch {case.batch:>2} threads "
-                 f"{case.threads or torch.get_num_threads()}: {len(case.prompts) / elapsed:7.2f} tickets/s")
+            echo(
+                f"  [{rep + 1}/{s.repeats}] {case.name:<40} batch {case.batch:>2} threads "
+                f"{case.threads or torch.get_num_threads()}: {len(case.prompts) / elapsed:7.2f} tickets/s"
+            )
     return rows
 
 
 # --------------------------------------------------------------------------------------------------
 # Training.
+
 
 def train_rate(model, tokenizer, features, args, collator) -> dict:
     """Samples/s of the HF Trainer from the first step's start to the last step's end."""
@@ -429,15 +483,13 @@ def train_rate(model, tokenizer, features, args, collator) -> dict:
             self.steps += 1
 
     timer = StepTimer()
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[timer])
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator, processing_class=tokenizer, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict to stdout
     trainer.train()
     batch = args.per_device_train_batch_size
     samples = min(timer.steps * batch, len(features)) if args.max_steps <= 0 else timer.steps * batch
     seconds = timer.end - timer.begin
-    return {"samples": samples, "steps": timer.steps, "seconds": round(seconds, 2),
-            "samples_per_s": samples / seconds}
+    return {"samples": samples, "steps": timer.steps, "seconds": round(seconds, 2), "samples_per_s": samples / seconds}
 
 
 def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[dict]:
@@ -463,35 +515,68 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
         # minus evaluation and checkpointing, which are not training throughput.
         cfg.train.epochs = 1
         precision = "fp32" if device.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
-        args = replace(_training_args(cfg, Path(tmp) / "a", precision, device), eval_strategy="no",
-                       save_strategy="no", logging_strategy="no", load_best_model_at_end=False)
+        args = replace(
+            _training_args(cfg, Path(tmp) / "a", precision, device),
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            load_best_model_at_end=False,
+        )
         model = copy.deepcopy(stock)
         use_fused_gelu(model)
         model = attach_lora(model, "seq2seq", lora.r, lora.alpha, lora.dropout, lora.target_modules)
         echo(f"  training, loratune defaults: {len(features)} samples, batch {args.per_device_train_batch_size}")
         with PeakMemory(device) as mem:
             rate = train_rate(model, tokenizer, features, args, family.collator())
-        row = {"name": "loratune defaults", "batch": args.per_device_train_batch_size, "padding": "dynamic",
-               "sampler": args.train_sampling_strategy, "precision": precision, **rate}
+        row = {
+            "name": "loratune defaults",
+            "batch": args.per_device_train_batch_size,
+            "padding": "dynamic",
+            "sampler": args.train_sampling_strategy,
+            "precision": precision,
+            **rate,
+        }
         mem.merge_into(row)
         rows.append(row)
         del model
 
         # A tutorial setup: every input padded to 512, random order, batch 8, the stock model.
-        padded = [{**f, "input_ids": f["input_ids"] + [tokenizer.pad_token_id] * (512 - len(f["input_ids"])),
-                   "attention_mask": f["attention_mask"] + [0] * (512 - len(f["attention_mask"]))} for f in features]
+        padded = [
+            {
+                **f,
+                "input_ids": f["input_ids"] + [tokenizer.pad_token_id] * (512 - len(f["input_ids"])),
+                "attention_mask": f["attention_mask"] + [0] * (512 - len(f["attention_mask"])),
+            }
+            for f in features
+        ]
         naive_args = TrainingArguments(
-            output_dir=str(Path(tmp) / "b"), per_device_train_batch_size=8, max_steps=s.naive_train_steps,
-            learning_rate=cfg.train.lr, train_sampling_strategy="random", report_to="none", save_strategy="no",
-            eval_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=device.type == "cpu",
-            bf16=precision == "bf16", seed=cfg.train.seed)
+            output_dir=str(Path(tmp) / "b"),
+            per_device_train_batch_size=8,
+            max_steps=s.naive_train_steps,
+            learning_rate=cfg.train.lr,
+            train_sampling_strategy="random",
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            use_cpu=device.type == "cpu",
+            bf16=precision == "bf16",
+            seed=cfg.train.seed,
+        )
         model = attach_lora(copy.deepcopy(stock), "seq2seq", lora.r, lora.alpha, lora.dropout, lora.target_modules)
         echo(f"  training, naive baseline: {s.naive_train_steps} steps of 8 samples padded to 512")
         with PeakMemory(device) as mem:
-            rate = train_rate(model, tokenizer, padded, naive_args,
-                              DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
-        row = {"name": "naive baseline", "batch": 8, "padding": "max_length 512", "sampler": "random",
-               "precision": precision, "notes": "stock gelu_new", **rate}
+            rate = train_rate(model, tokenizer, padded, naive_args, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
+        row = {
+            "name": "naive baseline",
+            "batch": 8,
+            "padding": "max_length 512",
+            "sampler": "random",
+            "precision": precision,
+            "notes": "stock gelu_new",
+            **rate,
+        }
         mem.merge_into(row)
         rows.append(row)
     for row in rows:
@@ -501,6 +586,7 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
 
 # --------------------------------------------------------------------------------------------------
 # Agreement between scorers.
+
 
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """How closely two (N, L) log-likelihood arrays agree, and whether they rank the labels identically."""
@@ -525,11 +611,14 @@ def fp64_check(merged, tokenizer, prompts, lengths, n: int) -> dict:
     fast = seq2seq_label_logprobs(merged, tokenizer, subset, LABELS)
     naive = seq2seq_label_logprobs_reference(merged, tokenizer, subset, LABELS)
     naive_b1 = seq2seq_label_logprobs_reference(merged, tokenizer, subset, LABELS, batch_size=1)
-    return {"n": len(subset), "fast_fp64_vs_exact": float(np.abs(fast64 - exact).max()),
-            "fast_fp32_vs_exact": float(np.abs(fast - exact).max()),
-            "naive_fp32_vs_exact": float(np.abs(naive - exact).max()),
-            "naive_fp32_batch1_vs_batch32": float(np.abs(naive_b1 - naive).max()),
-            "max_abs_logprob": float(np.abs(exact).max())}
+    return {
+        "n": len(subset),
+        "fast_fp64_vs_exact": float(np.abs(fast64 - exact).max()),
+        "fast_fp32_vs_exact": float(np.abs(fast - exact).max()),
+        "naive_fp32_vs_exact": float(np.abs(naive - exact).max()),
+        "naive_fp32_batch1_vs_batch32": float(np.abs(naive_b1 - naive).max()),
+        "max_abs_logprob": float(np.abs(exact).max()),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,8 +645,10 @@ def probe(quick: bool) -> dict[str, float]:
     runs = {
         PROBES[0]: (prompts, lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=DEFAULT_BATCH)),
         PROBES[1]: (prompts[: s.n_single], lambda p: seq2seq_label_logprobs(merged, tokenizer, p, LABELS, batch_size=1)),
-        PROBES[2]: (prompts[:DEFAULT_BATCH], lambda p: generate_texts(merged, tokenizer, p, batch_size=DEFAULT_BATCH,
-                                                                      max_new_tokens=MAX_NEW_TOKENS)),
+        PROBES[2]: (
+            prompts[:DEFAULT_BATCH],
+            lambda p: generate_texts(merged, tokenizer, p, batch_size=DEFAULT_BATCH, max_new_tokens=MAX_NEW_TOKENS),
+        ),
         PROBES[3]: (few, lambda p: generate_texts(merged, tokenizer, p, batch_size=1, max_new_tokens=MAX_NEW_TOKENS)),
     }
     seq2seq_label_logprobs(merged, tokenizer, prompts[:4], LABELS)  # warm-up
@@ -582,13 +673,20 @@ def policy_rows(s: Settings, echo) -> list[dict]:
             done = subprocess.run(cmd, cwd=root, env={**base, **env}, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             echo(f"  {name:<36} " + ", ".join(f"{k} {v:.2f}" for k, v in runs[name][-1].items()) + " tickets/s")
-    return [{"policy": name, "env": POLICIES[name], "runs": len(results),
-             **{k: round(statistics.median(r[k] for r in results), 3) for k in PROBES}}
-            for name, results in runs.items()]
+    return [
+        {
+            "policy": name,
+            "env": POLICIES[name],
+            "runs": len(results),
+            **{k: round(statistics.median(r[k] for r in results), 3) for k in PROBES},
+        }
+        for name, results in runs.items()
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
 # The run.
+
 
 def machine_info(device: torch.device) -> dict:
     import peft
@@ -596,17 +694,24 @@ def machine_info(device: torch.device) -> dict:
 
     cpu, flags = platform.processor() or platform.machine(), ""
     with contextlib.suppress(OSError):
-        cpuinfo = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
-                       if ":" in line)  # the first CPU's entries win below (later ones overwrite, all alike)
+        cpuinfo = dict(
+            line.split(":", 1) for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines() if ":" in line
+        )  # the first CPU's entries win below (later ones overwrite, all alike)
         cpuinfo = {k.strip(): v.strip() for k, v in cpuinfo.items()}
         cpu = cpuinfo.get("model name", cpu)
         have = set(cpuinfo.get("flags", "").split())
         flags = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f in have)
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "device": str(device),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "device": str(device),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
@@ -628,8 +733,10 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
 
     hf_logging.set_verbosity_error()
     info = machine_info(dev)
-    echo(f"loratune benchmark ({'quick' if quick else 'full'}) on {info['device']}: {info['cpu']}, "
-         f"{info['torch_threads']} threads, torch {info['torch']}")
+    echo(
+        f"loratune benchmark ({'quick' if quick else 'full'}) on {info['device']}: {info['cpu']}, "
+        f"{info['torch_threads']} threads, torch {info['torch']}"
+    )
 
     stock, tokenizer = build_model(dev, s.seed)
     unmerged, merged = with_adapter(stock, s.seed)
@@ -648,8 +755,10 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
 
     n_nodes = T5LabelScorer(merged, label_ids).n_nodes
     shape = Shape.of(merged.config)
-    echo(f"tickets: {len(prompts)}, prompt tokens mean {np.mean(lengths):.1f} (min {min(lengths)}, max {max(lengths)}); "
-         f"labels: {len(LABELS)}, {sum(map(len, label_ids))} label tokens with EOS, {n_nodes} trie nodes")
+    echo(
+        f"tickets: {len(prompts)}, prompt tokens mean {np.mean(lengths):.1f} (min {min(lengths)}, max {max(lengths)}); "
+        f"labels: {len(LABELS)}, {sum(map(len, label_ids))} label tokens with EOS, {n_nodes} trie nodes"
+    )
 
     echo("prediction:")
     rss_before = round((_status_kb("VmRSS") or 0) / 1024, 1)
@@ -663,9 +772,16 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
     prediction = []
     for case, mem in zip(cases, memory):
         rates = [len(case.prompts) / t for t in case.times]
-        row = {"name": case.name, "batch": case.batch, "threads": case.threads or torch.get_num_threads(),
-               "n": len(case.prompts), "tickets_per_s": round(statistics.median(rates), 3),
-               "runs_tickets_per_s": [round(r, 3) for r in rates], "notes": case.notes, **mem}
+        row = {
+            "name": case.name,
+            "batch": case.batch,
+            "threads": case.threads or torch.get_num_threads(),
+            "n": len(case.prompts),
+            "tickets_per_s": round(statistics.median(rates), 3),
+            "runs_tickets_per_s": [round(r, 3) for r in rates],
+            "notes": case.notes,
+            **mem,
+        }
         if case.method in ("fast", "naive", "encoder"):
             flops = flops_per_ticket(shape, case.lengths, case.method, n_nodes, [len(x) for x in label_ids])
             ref_peak = peak_one if case.threads == 1 else peak
@@ -676,8 +792,7 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
 
     def find(name, batch=DEFAULT_BATCH, threads=None, n=None):
         for case, row in zip(cases, prediction):
-            if (case.name == name and case.batch == batch and case.threads == threads
-                    and (n is None or row["n"] == n)):
+            if case.name == name and case.batch == batch and case.threads == threads and (n is None or row["n"] == n):
                 return case, row
         raise KeyError(name)
 
@@ -696,8 +811,10 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
     if int8 is not None:
         int8_case, int8_row = find("score, fast, int8 dynamic")
         precision["int8_vs_fp32"] = {"n": len(prompts), **agreement(int8_case.outputs, fast_case.outputs)}
-    echo(f"fast vs naive: max |diff| {precision['fast_vs_naive']['max_abs_diff']:.2e}, "
-         f"ranking agreement {precision['fast_vs_naive']['ranking_agreement']:.3f}")
+    echo(
+        f"fast vs naive: max |diff| {precision['fast_vs_naive']['max_abs_diff']:.2e}, "
+        f"ranking agreement {precision['fast_vs_naive']['ranking_agreement']:.3f}"
+    )
 
     echo("training:")
     training = training_rows(s, stock, tokenizer, prompts, dev, echo)
@@ -707,18 +824,30 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
         policies = policy_rows(s, echo)
 
     results = {
-        "mode": "quick" if quick else "full", "machine": info,
+        "mode": "quick" if quick else "full",
+        "machine": info,
         "command": "python -m benchmarks.run" + (" --quick" if quick else "") + (f" --device {device}" if device else ""),
         "settings": s.__dict__ | {"batch_sizes": list(s.batch_sizes)},
-        "model": {"config": "flan-t5-small (fixtures.FLAN_T5_SMALL), random weights, LoRA r=8 on q,v merged",
-                  "parameters": sum(p.numel() for p in merged.parameters()), "labels": LABELS,
-                  "label_tokens_with_eos": [len(x) for x in label_ids], "trie_nodes": n_nodes,
-                  "model_copies": 5 if int8 is not None else 4, "rss_before_measuring_mb": rss_before,
-                  "prompt_tokens": {"mean": round(float(np.mean(lengths)), 1), "min": min(lengths),
-                                    "max": max(lengths)}},
-        "matmul_peak_gflops": {"all_threads": round(peak, 1), "one_thread": round(peak_one, 1), "n": s.matmul_n,
-                               "readings": {str(k): [round(x, 1) for x in v] for k, v in readings.items()}},
-        "prediction": prediction, "precision": precision, "training": training, "openmp_wait_policy": policies,
+        "model": {
+            "config": "flan-t5-small (fixtures.FLAN_T5_SMALL), random weights, LoRA r=8 on q,v merged",
+            "parameters": sum(p.numel() for p in merged.parameters()),
+            "labels": LABELS,
+            "label_tokens_with_eos": [len(x) for x in label_ids],
+            "trie_nodes": n_nodes,
+            "model_copies": 5 if int8 is not None else 4,
+            "rss_before_measuring_mb": rss_before,
+            "prompt_tokens": {"mean": round(float(np.mean(lengths)), 1), "min": min(lengths), "max": max(lengths)},
+        },
+        "matmul_peak_gflops": {
+            "all_threads": round(peak, 1),
+            "one_thread": round(peak_one, 1),
+            "n": s.matmul_n,
+            "readings": {str(k): [round(x, 1) for x in v] for k, v in readings.items()},
+        },
+        "prediction": prediction,
+        "precision": precision,
+        "training": training,
+        "openmp_wait_policy": policies,
     }
     results["targets"] = evaluate_targets(fast_row, naive_row, gen_single, gen_batched, int8_row, precision, training)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
@@ -734,25 +863,44 @@ def evaluate_targets(fast, naive, gen_single, gen_batched, int8, precision, trai
     t = TARGETS
     fvn = precision["fast_vs_naive"]
     rows = [
-        ("score (fast) >= 5x per-ticket generate", fast["tickets_per_s"] / gen_single["tickets_per_s"],
-         t["score_vs_generate_single"], "x"),
-        ("score (fast) >= 1.2x batched generate", fast["tickets_per_s"] / gen_batched["tickets_per_s"],
-         t["score_vs_generate_batched"], "x"),
+        ("score (fast) >= 5x per-ticket generate", fast["tickets_per_s"] / gen_single["tickets_per_s"], t["score_vs_generate_single"], "x"),
+        (
+            "score (fast) >= 1.2x batched generate",
+            fast["tickets_per_s"] / gen_batched["tickets_per_s"],
+            t["score_vs_generate_batched"],
+            "x",
+        ),
         ("fast scorer ranks labels exactly as the naive scorer", fvn["ranking_agreement"], 1.0, "share"),
-        ("fast scorer log-probs within 1e-4 of the naive scorer", fvn["max_abs_diff"], t["score_logprob_tolerance"],
-         "max |diff|"),
+        ("fast scorer log-probs within 1e-4 of the naive scorer", fvn["max_abs_diff"], t["score_logprob_tolerance"], "max |diff|"),
         ("score (fast) >= 40% of fp32 matmul peak", fast["fraction_of_peak"], t["score_fraction_of_peak"], "fraction"),
-        ("training, loratune defaults >= 2x naive baseline", training[0]["samples_per_s"] / training[1]["samples_per_s"],
-         t["train_vs_naive"], "x"),
+        (
+            "training, loratune defaults >= 2x naive baseline",
+            training[0]["samples_per_s"] / training[1]["samples_per_s"],
+            t["train_vs_naive"],
+            "x",
+        ),
     ]
     if int8 is not None:
-        rows.append(("int8 score >= 10x per-ticket generate", int8["tickets_per_s"] / gen_single["tickets_per_s"],
-                     t["int8_vs_generate_single"], "x"))
+        rows.append(
+            (
+                "int8 score >= 10x per-ticket generate",
+                int8["tickets_per_s"] / gen_single["tickets_per_s"],
+                t["int8_vs_generate_single"],
+                "x",
+            )
+        )
     out = []
     for name, value, threshold, unit in rows:
         met = value <= threshold if unit == "max |diff|" else value >= threshold
-        out.append({"target": name, "value": round(value, 6 if unit == "max |diff|" else 3), "threshold": threshold,
-                    "unit": unit, "met": bool(met)})
+        out.append(
+            {
+                "target": name,
+                "value": round(value, 6 if unit == "max |diff|" else 3),
+                "threshold": threshold,
+                "unit": unit,
+                "met": bool(met),
+            }
+        )
     if int8 is not None:
         out[-1]["agreement_with_fp32_top1"] = precision["int8_vs_fp32"]["top1_agreement"]
     return out
@@ -760,61 +908,99 @@ def evaluate_targets(fast, naive, gen_single, gen_batched, int8, precision, trai
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"# loratune benchmark ({r['mode']})", "",
-             f"`{r['command']}`, {m['date']}, {r['wall_s']:.0f} s", "",
-             "| machine | |", "|---|---|",
-             f"| CPU | {m['cpu']} ({m['cpu_flags']}) |", f"| logical CPUs / torch threads | {m['logical_cpus']} / {m['torch_threads']} |",
-             f"| device | {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''} |",
-             f"| torch / transformers / peft | {m['torch']} / {m['transformers']} / {m['peft']} |",
-             f"| load average at start / end | {m['load_average_at_start']} / {m['load_average_at_end']} |",
-             f"| fp32 matmul peak ({r['matmul_peak_gflops']['n']}^3, best reading) | {r['matmul_peak_gflops']['all_threads']} "
-             f"GFLOP/s all threads, {r['matmul_peak_gflops']['one_thread']} GFLOP/s 1 thread (readings: "
-             f"{r['matmul_peak_gflops']['readings']}) |", ""]
+    lines = [
+        f"# loratune benchmark ({r['mode']})",
+        "",
+        f"`{r['command']}`, {m['date']}, {r['wall_s']:.0f} s",
+        "",
+        "| machine | |",
+        "|---|---|",
+        f"| CPU | {m['cpu']} ({m['cpu_flags']}) |",
+        f"| logical CPUs / torch threads | {m['logical_cpus']} / {m['torch_threads']} |",
+        f"| device | {m['device']}{' ' + m['gpu'] if 'gpu' in m else ''} |",
+        f"| torch / transformers / peft | {m['torch']} / {m['transformers']} / {m['peft']} |",
+        f"| load average at start / end | {m['load_average_at_start']} / {m['load_average_at_end']} |",
+        f"| fp32 matmul peak ({r['matmul_peak_gflops']['n']}^3, best reading) | {r['matmul_peak_gflops']['all_threads']} "
+        f"GFLOP/s all threads, {r['matmul_peak_gflops']['one_thread']} GFLOP/s 1 thread (readings: "
+        f"{r['matmul_peak_gflops']['readings']}) |",
+        "",
+    ]
     mo = r["model"]
-    lines += [f"Model: {mo['config']} ({mo['parameters'] / 1e6:.1f} M parameters; the process holds "
-              f"{mo['model_copies']} variants, {mo['rss_before_measuring_mb']} MB RSS before measuring, so the "
-              f"tables give each method's RSS growth above that). Prompts: mean "
-              f"{mo['prompt_tokens']['mean']} tokens ({mo['prompt_tokens']['min']}-{mo['prompt_tokens']['max']}). "
-              f"Labels: {len(mo['labels'])}, tokens with EOS {mo['label_tokens_with_eos']}, {mo['trie_nodes']} trie nodes.", ""]
+    lines += [
+        f"Model: {mo['config']} ({mo['parameters'] / 1e6:.1f} M parameters; the process holds "
+        f"{mo['model_copies']} variants, {mo['rss_before_measuring_mb']} MB RSS before measuring, so the "
+        f"tables give each method's RSS growth above that). Prompts: mean "
+        f"{mo['prompt_tokens']['mean']} tokens ({mo['prompt_tokens']['min']}-{mo['prompt_tokens']['max']}). "
+        f"Labels: {len(mo['labels'])}, tokens with EOS {mo['label_tokens_with_eos']}, {mo['trie_nodes']} trie nodes.",
+        "",
+    ]
     lines += ["## Targets", "", "| target | value | threshold | met |", "|---|---|---|---|"]
     for t in r["targets"]:
         extra = f" (top-1 agreement with fp32: {t['agreement_with_fp32_top1']:.3f})" if "agreement_with_fp32_top1" in t else ""
         met = "met" if t["met"] else "**not met**"
         lines.append(f"| {t['target']}{extra} | {t['value']} {t['unit']} | {t['threshold']} | {met} |")
     single = next(p for p in r["prediction"] if p["name"] == "generate, per ticket (seed)" and p["threads"] != 1)
-    lines += ["", "## Prediction (median of runs)", "",
-              "| method | batch | threads | tickets | tickets/s | vs per-ticket generate | GFLOP/ticket | % of fp32 peak "
-              "| RSS growth MB | notes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Prediction (median of runs)",
+        "",
+        "| method | batch | threads | tickets | tickets/s | vs per-ticket generate | GFLOP/ticket | % of fp32 peak "
+        "| RSS growth MB | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for p in r["prediction"]:
         pct = f"{100 * p['fraction_of_peak']:.0f}%" if "fraction_of_peak" in p else ""
         cuda = f"; CUDA peak {p['cuda_peak_mb']} MB" if p.get("cuda_peak_mb") else ""
-        lines.append(f"| {p['name']} | {p['batch']} | {p['threads']} | {p['n']} | {p['tickets_per_s']:.2f} | "
-                     f"{p['tickets_per_s'] / single['tickets_per_s']:.1f}x | {p.get('gflop_per_ticket', '')} | {pct} | "
-                     f"{p.get('rss_growth_mb', '')} | {p['notes']}{cuda} |")
+        lines.append(
+            f"| {p['name']} | {p['batch']} | {p['threads']} | {p['n']} | {p['tickets_per_s']:.2f} | "
+            f"{p['tickets_per_s'] / single['tickets_per_s']:.1f}x | {p.get('gflop_per_ticket', '')} | {pct} | "
+            f"{p.get('rss_growth_mb', '')} | {p['notes']}{cuda} |"
+        )
     pr = r["precision"]
-    lines += ["", "## Agreement", "", "| comparison | tickets | max abs diff | max rel diff | top-1 | full ranking | max prob diff |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Agreement",
+        "",
+        "| comparison | tickets | max abs diff | max rel diff | top-1 | full ranking | max prob diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in ("fast_vs_naive", "unmerged_vs_merged", "int8_vs_fp32"):
         if key in pr:
             a = pr[key]
-            lines.append(f"| {key.replace('_', ' ')} | {a['n']} | {a['max_abs_diff']:.2e} | {a['max_rel_diff']:.2e} | "
-                         f"{a['top1_agreement']:.3f} | {a['ranking_agreement']:.3f} | {a['max_prob_diff']:.2e} |")
+            lines.append(
+                f"| {key.replace('_', ' ')} | {a['n']} | {a['max_abs_diff']:.2e} | {a['max_rel_diff']:.2e} | "
+                f"{a['top1_agreement']:.3f} | {a['ranking_agreement']:.3f} | {a['max_prob_diff']:.2e} |"
+            )
     f = pr["fp64"]
-    lines += ["", f"fp32 rounding scale ({f['n']} tickets, |log-prob| up to {f['max_abs_logprob']:.0f}; random weights "
-              f"make every label very unlikely): max |error| against an fp64 run of the reference: fast scorer in fp64 "
-              f"{f['fast_fp64_vs_exact']:.1e}, fast in fp32 {f['fast_fp32_vs_exact']:.1e}, naive in fp32 "
-              f"{f['naive_fp32_vs_exact']:.1e}; the fp32 naive scorer at batch 1 vs batch 32: "
-              f"{f['naive_fp32_batch1_vs_batch32']:.1e}.", ""]
-    lines += ["## Training", "", "| setup | batch | padding | sampler | samples | samples/s | RSS growth MB |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"fp32 rounding scale ({f['n']} tickets, |log-prob| up to {f['max_abs_logprob']:.0f}; random weights "
+        f"make every label very unlikely): max |error| against an fp64 run of the reference: fast scorer in fp64 "
+        f"{f['fast_fp64_vs_exact']:.1e}, fast in fp32 {f['fast_fp32_vs_exact']:.1e}, naive in fp32 "
+        f"{f['naive_fp32_vs_exact']:.1e}; the fp32 naive scorer at batch 1 vs batch 32: "
+        f"{f['naive_fp32_batch1_vs_batch32']:.1e}.",
+        "",
+    ]
+    lines += [
+        "## Training",
+        "",
+        "| setup | batch | padding | sampler | samples | samples/s | RSS growth MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for t in r["training"]:
         cuda = f" (CUDA peak {t['cuda_peak_mb']} MB)" if t.get("cuda_peak_mb") else ""
-        lines.append(f"| {t['name']} | {t['batch']} | {t['padding']} | {t['sampler']} | {t['samples']} | "
-                     f"{t['samples_per_s']:.2f} | {t.get('rss_growth_mb', '')}{cuda} |")
+        lines.append(
+            f"| {t['name']} | {t['batch']} | {t['padding']} | {t['sampler']} | {t['samples']} | "
+            f"{t['samples_per_s']:.2f} | {t.get('rss_growth_mb', '')}{cuda} |"
+        )
     if r.get("openmp_wait_policy"):
-        lines += ["", "## OpenMP wait policy (tickets/s; fresh process per run, alternating; median)", "",
-                  "| policy | env | " + " | ".join(PROBES) + " | runs |", "|---|---|" + "---|" * len(PROBES) + "---|"]
+        lines += [
+            "",
+            "## OpenMP wait policy (tickets/s; fresh process per run, alternating; median)",
+            "",
+            "| policy | env | " + " | ".join(PROBES) + " | runs |",
+            "|---|---|" + "---|" * len(PROBES) + "---|",
+        ]
         for p in r["openmp_wait_policy"]:
             env = " ".join(f"{k}={v}" for k, v in p["env"].items())
             lines.append(f"| {p['policy']} | `{env}` | " + " | ".join(f"{p[k]:.2f}" for k in PROBES) + f" | {p['runs']} |")

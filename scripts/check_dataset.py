@@ -69,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     for sim, a, b in sorted(near, reverse=True):
         print(f"near-duplicate ({sim:.2f}): {where(a)} ~ {where(b)}: {a[2][:50]!r} / {b[2][:50]!r}")
     lengths = sorted(len(r[2].split()) for r in rows)
-    print(f"{len(rows)} examples; words per text: min {lengths[0]}, median {lengths[len(lengths) // 2]}, "
-          f"max {lengths[-1]}")
-    print(f"exact duplicates: {len(exact)}; pairs above Jaccard {args.threshold}: {len(near)}; "
-          f"most similar pair: {best[0]:.3f} ({where(best[1])} ~ {where(best[2])})" if best[1] else "")
+    print(f"{len(rows)} examples; words per text: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+    print(
+        f"exact duplicates: {len(exact)}; pairs above Jaccard {args.threshold}: {len(near)}; "
+        f"most similar pair: {best[0]:.3f} ({where(best[1])} ~ {where(best[2])})"
+        if best[1]
+        else ""
+    )
     return 1 if exact or near else 0
 
 

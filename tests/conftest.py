@@ -80,12 +80,22 @@ def tiny_config(model: Path, data: dict[str, Path], output_dir: Path, **train):
     from loratune.config import load_config
 
     overrides = {
-        "model.name": str(model), "data.train": str(data["train"]), "data.val": str(data["val"]),
-        "data.test": str(data["test"]), "train.output_dir": str(output_dir), "train.epochs": 4,
-        "train.batch_size": 16, "train.lr": 5e-3, "train.save_steps": 1000, "train.logging_steps": 5,
-        "train.early_stopping_patience": 0, "lora.r": 16, "lora.alpha": 32,
+        "model.name": str(model),
+        "data.train": str(data["train"]),
+        "data.val": str(data["val"]),
+        "data.test": str(data["test"]),
+        "train.output_dir": str(output_dir),
+        "train.epochs": 4,
+        "train.batch_size": 16,
+        "train.lr": 5e-3,
+        "train.save_steps": 1000,
+        "train.logging_steps": 5,
+        "train.early_stopping_patience": 0,
+        "lora.r": 16,
+        "lora.alpha": 32,
         # The demo's prompt: the shipped tickets' labels in their order, asked about as support tickets.
-        "data.labels": LABELS, "prompt.task": "You are a support ticket classifier.",
+        "data.labels": LABELS,
+        "prompt.task": "You are a support ticket classifier.",
         "prompt.input_name": "customer message",
     }
     overrides.update({f"train.{k}" if "." not in k else k: v for k, v in train.items()})
@@ -109,8 +119,13 @@ def run_cli():
 
     def run(*args, cwd=None, input=None, timeout=300, env=None):
         return subprocess.run(
-            [sys.executable, "-m", "loratune", *map(str, args)], cwd=cwd or ROOT, input=input,
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+            [sys.executable, "-m", "loratune", *map(str, args)],
+            cwd=cwd or ROOT,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
         )
 
     return run

@@ -23,8 +23,13 @@ MANY_LABELS = [f"intent {w} {i}" for i, w in enumerate(("alpha beta gamma delta 
 def test_only_the_registry_compares_family_names():
     names = "|".join(FAMILIES)
     pattern = re.compile(rf"""[!=]=\s*["']({names})["']|["']({names})["']\s*[!=]=|\bin\s*[(\[{{]\s*["']({names})["']""")
-    offenders = [f"{p.relative_to(SRC)}:{n}" for p in SRC.rglob("*.py") if "families" not in p.parts
-                 for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{p.relative_to(SRC)}:{n}"
+        for p in SRC.rglob("*.py")
+        if "families" not in p.parts
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == []
 
 
@@ -34,8 +39,7 @@ def test_no_source_module_is_a_monolith():
 
 
 def test_prompt_spec_round_trips_and_renders_the_canonical_prompt():
-    spec = PromptSpec(tuple(LABELS), task="You route tickets.", input_name="ticket", max_length=300,
-                      answer_cue="\n\nLabel:\n")
+    spec = PromptSpec(tuple(LABELS), task="You route tickets.", input_name="ticket", max_length=300, answer_cue="\n\nLabel:\n")
     assert PromptSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     rendered = spec.render("Where is my parcel?")
     assert rendered.startswith("You route tickets.") and rendered.endswith("Ticket:\nWhere is my parcel?\n\nLabel:\n")
@@ -48,8 +52,7 @@ def tiny_causal_long(tmp_path_factory, demo_rows):
     from loratune.fixtures import build_tiny_causal, tokenizer_corpus
 
     out = tmp_path_factory.mktemp("tiny-causal-long")
-    return build_tiny_causal(out, tokenizer_corpus([r["text"] for r in demo_rows["train"]], MANY_LABELS),
-                             max_position_embeddings=4096)
+    return build_tiny_causal(out, tokenizer_corpus([r["text"] for r in demo_rows["train"]], MANY_LABELS), max_position_embeddings=4096)
 
 
 @pytest.mark.parametrize("family_name", list(FAMILIES))
@@ -59,8 +62,9 @@ def test_no_text_is_lost_with_many_labels(family_name, request, tiny_causal_long
 
     from loratune.models import resolve_max_length
 
-    path = {"seq2seq": request.getfixturevalue("tiny_t5"), "causal": tiny_causal_long,
-            "encoder": request.getfixturevalue("tiny_encoder")}[family_name]
+    path = {"seq2seq": request.getfixturevalue("tiny_t5"), "causal": tiny_causal_long, "encoder": request.getfixturevalue("tiny_encoder")}[
+        family_name
+    ]
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     family_cls = family_class(family_name)
     if family_name == "causal":
@@ -84,8 +88,11 @@ def test_a_fixed_part_that_does_not_fit_is_refused_with_token_counts(tiny_t5):
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_t5))
     family = family_class("seq2seq")(None, tokenizer, PromptSpec(tuple(MANY_LABELS), max_length=512))
-    with pytest.raises(LoratuneError, match=r"the 160 label names take \d+ tokens, leaving fewer than 16 of "
-                                            r"data.max_length=512 .*encoder family"):
+    with pytest.raises(
+        LoratuneError,
+        match=r"the 160 label names take \d+ tokens, leaving fewer than 16 of "
+        r"data.max_length=512 .*encoder family",
+    ):
         family.prompt_ids(["any text"])
 
 
@@ -104,6 +111,7 @@ def test_max_length_defaults_to_the_models_limit_and_refuses_more(tiny_encoder, 
 # --------------------------------------------------------------------------------------------------
 # AdapterMeta
 
+
 def meta_dict(**changes) -> dict:
     spec = PromptSpec(tuple(LABELS))
     meta = AdapterMeta(base_model="/models/x", family="seq2seq", spec=spec).to_dict()
@@ -116,17 +124,20 @@ def test_adapter_meta_round_trips():
     assert meta.to_dict() == meta_dict(threshold=0.3) and meta.labels == LABELS and meta.spec.max_length == 512
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"format": FORMAT + 1}, "written by a newer loratune"),
-    ({"format": "two"}, "unknown format"),
-    ({"labels": 5}, "'labels' must be a list"),
-    ({"labels": []}, "at least two distinct"),
-    ({"labels": ["a", "a"]}, "at least two distinct"),
-    ({"base_model": 123}, "'base_model' must be a str"),
-    ({"prompt": {}}, "prompt.task must be a string"),
-    ({"family": "rnn"}, "unknown family"),
-    ({"threshold": 7}, "'threshold' must be a number in"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"format": FORMAT + 1}, "written by a newer loratune"),
+        ({"format": "two"}, "unknown format"),
+        ({"labels": 5}, "'labels' must be a list"),
+        ({"labels": []}, "at least two distinct"),
+        ({"labels": ["a", "a"]}, "at least two distinct"),
+        ({"base_model": 123}, "'base_model' must be a str"),
+        ({"prompt": {}}, "prompt.task must be a string"),
+        ({"family": "rnn"}, "unknown family"),
+        ({"threshold": 7}, "'threshold' must be a number in"),
+    ],
+)
 def test_damaged_metadata_is_refused_in_one_sentence(changes, message):
     with pytest.raises(LoratuneError, match=message) as info:
         AdapterMeta.from_dict(meta_dict(**changes), "x/loratune.json")
@@ -145,8 +156,15 @@ def test_missing_key_and_bad_max_length_are_refused():
 
 
 def test_format_1_metadata_is_read_with_its_prompt():
-    old = {"format": 1, "base_model": "m", "family": "causal", "labels": LABELS, "multi_label": False,
-           "prompt": {"task": "T.", "input_name": "message", "chat_template": False}, "max_length": 384}
+    old = {
+        "format": 1,
+        "base_model": "m",
+        "family": "causal",
+        "labels": LABELS,
+        "multi_label": False,
+        "prompt": {"task": "T.", "input_name": "message", "chat_template": False},
+        "max_length": 384,
+    }
     meta = AdapterMeta.from_dict(old)
     assert meta.spec.max_length == 384 and meta.spec.answer_cue == "\n\nLabel:\n" and not meta.spec.input_only
     assert meta.spec.format("hi").startswith("T.\n\nGiven a message")
@@ -154,6 +172,7 @@ def test_format_1_metadata_is_read_with_its_prompt():
 
 # --------------------------------------------------------------------------------------------------
 # classifier_from_config: settings the earlier hand-made copies dropped.
+
 
 @pytest.fixture(scope="module")
 def saved_adapter(tmp_path_factory, tiny_t5):

@@ -78,30 +78,58 @@ def test_inspect_table_output_and_truncation_count(run_cli):
 
 def test_inspect_csv_with_field_mapping(run_cli, tmp_path):
     csv_path = tmp_path / "tickets.csv"
-    csv_path.write_text('text,category\n"Refund me, now",billing\nApp is down,technical\nWrong size,shipping\n'
-                        "Love it,other\nreset my password,account\nInvoice twice,billing\n", encoding="utf-8")
-    result = run_cli("inspect", "--train", csv_path, "--label-field", "category", "--val", "none",
-                     "--set", "data.val_fraction=0.2", "--model", "tiny", "--json")
+    csv_path.write_text(
+        'text,category\n"Refund me, now",billing\nApp is down,technical\nWrong size,shipping\n'
+        "Love it,other\nreset my password,account\nInvoice twice,billing\n",
+        encoding="utf-8",
+    )
+    result = run_cli(
+        "inspect",
+        "--train",
+        csv_path,
+        "--label-field",
+        "category",
+        "--val",
+        "none",
+        "--set",
+        "data.val_fraction=0.2",
+        "--model",
+        "tiny",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["n"]["train"] + report["n"]["val"] == 6
 
 
-@pytest.mark.parametrize("content,message", [
-    (b'{"text": "ok", "label": "billing"}\n{"text": "broken"\n', "bad.jsonl:2: invalid JSON"),
-    (b'{"text": "ok", "label": "billing"}\n{"text": "no label"}\n', "bad.jsonl:2: missing field 'label'"),
-    (b'{"text": "ok", "label": "refunds"}\n', "bad.jsonl:1: label 'refunds' is not in the label set"),
-    (b'{"text": "", "label": "billing"}\n', "bad.jsonl:1: field 'text' is empty"),
-    (b"", "bad.jsonl: file is empty"),
-    (b'{"text": "ok", "label": "billing"}\n{"text": "na\xefve", "label": "other"}\n', "bad.jsonl:2: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b'{"text": "ok", "label": "billing"}\n{"text": "broken"\n', "bad.jsonl:2: invalid JSON"),
+        (b'{"text": "ok", "label": "billing"}\n{"text": "no label"}\n', "bad.jsonl:2: missing field 'label'"),
+        (b'{"text": "ok", "label": "refunds"}\n', "bad.jsonl:1: label 'refunds' is not in the label set"),
+        (b'{"text": "", "label": "billing"}\n', "bad.jsonl:1: field 'text' is empty"),
+        (b"", "bad.jsonl: file is empty"),
+        (b'{"text": "ok", "label": "billing"}\n{"text": "na\xefve", "label": "other"}\n', "bad.jsonl:2: not valid UTF-8"),
+    ],
+)
 @pytest.mark.parametrize("command", ["inspect", "train"])
 def test_malformed_data_exits_2_with_file_and_line(run_cli, tmp_path, content, message, command):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content)
     out = tmp_path / "out"
-    result = run_cli(command, "--train", bad, "--val", "none", "--model", "tiny", "--labels", ",".join(LABELS),
-                     *(["--output-dir", out] if command == "train" else []))
+    result = run_cli(
+        command,
+        "--train",
+        bad,
+        "--val",
+        "none",
+        "--model",
+        "tiny",
+        "--labels",
+        ",".join(LABELS),
+        *(["--output-dir", out] if command == "train" else []),
+    )
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -152,15 +180,20 @@ def test_compare_writes_the_three_report_files(run_cli, trained, small_data, tmp
     assert result.returncode == 0, result.stderr
     assert "accuracy" in result.stdout and "report.md" in result.stdout
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["confusion_adapter_generate.png", "confusion_adapter_score.png", "confusion_base_generate.png",
-                     "confusion_base_score.png", "report.json", "report.md"]
+    assert names == [
+        "confusion_adapter_generate.png",
+        "confusion_adapter_score.png",
+        "confusion_base_generate.png",
+        "confusion_base_score.png",
+        "report.json",
+        "report.md",
+    ]
     report = json.loads((out / "report.json").read_text())
     assert report["n"] == 60 and len(report["results"]) == 4
 
 
 def test_evaluate_one_model(run_cli, trained, small_data, tmp_path):
-    result = run_cli("evaluate", "--adapter", trained.adapter_dir, "--test", small_data["test"], "--json",
-                     "--output-dir", tmp_path / "ev")
+    result = run_cli("evaluate", "--adapter", trained.adapter_dir, "--test", small_data["test"], "--json", "--output-dir", tmp_path / "ev")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [(r["model"], r["mode"]) for r in report["results"]] == [("adapter", "score")]

@@ -27,12 +27,15 @@ def test_overrides_beat_file_and_are_typed(tmp_path):
     assert cfg.data.val is None and cfg.train.group_by_length is False
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("train.nope", 1, "unknown config key 'train.nope'"),
-    ("nope.lr", 1, "unknown config key 'nope.lr'"),
-    ("lora.r", "many", "lora.r must be an integer"),
-    ("train.group_by_length", "maybe", "must be true or false"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("train.nope", 1, "unknown config key 'train.nope'"),
+        ("nope.lr", 1, "unknown config key 'nope.lr'"),
+        ("lora.r", "many", "lora.r must be an integer"),
+        ("train.group_by_length", "maybe", "must be true or false"),
+    ],
+)
 def test_bad_override_names_the_key(key, value, message):
     with pytest.raises(LoratuneError, match=message):
         load_config(overrides={key: value})

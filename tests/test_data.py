@@ -31,15 +31,18 @@ def test_reads_csv_with_field_mapping(tmp_path):
     assert [(e.text, e.label, e.line) for e in examples] == [("Refund, please", "billing", 2), ("App crashed", "technical", 3)]
 
 
-@pytest.mark.parametrize("rows,message", [
-    (['{"text": "a", "label": "billing"}', '{"text": "b", "label": '], r"bad.jsonl:2: invalid JSON"),
-    ([{"text": "a", "label": "billing"}, {"text": "b"}], r"bad.jsonl:2: missing field 'label'"),
-    ([{"text": "a", "label": "billing"}, {"text": "b", "label": "refunds"}], r"bad.jsonl:2: label 'refunds' is not in the label set"),
-    ([{"text": "  ", "label": "billing"}], r"bad.jsonl:1: field 'text' is empty"),
-    ([{"text": "a", "label": ""}], r"bad.jsonl:1: empty or non-string label"),
-    ([{"text": 5, "label": "billing"}], r"bad.jsonl:1: field 'text' must be a string"),
-    (['["a", "billing"]'], r"bad.jsonl:1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        (['{"text": "a", "label": "billing"}', '{"text": "b", "label": '], r"bad.jsonl:2: invalid JSON"),
+        ([{"text": "a", "label": "billing"}, {"text": "b"}], r"bad.jsonl:2: missing field 'label'"),
+        ([{"text": "a", "label": "billing"}, {"text": "b", "label": "refunds"}], r"bad.jsonl:2: label 'refunds' is not in the label set"),
+        ([{"text": "  ", "label": "billing"}], r"bad.jsonl:1: field 'text' is empty"),
+        ([{"text": "a", "label": ""}], r"bad.jsonl:1: empty or non-string label"),
+        ([{"text": 5, "label": "billing"}], r"bad.jsonl:1: field 'text' must be a string"),
+        (['["a", "billing"]'], r"bad.jsonl:1: expected a JSON object"),
+    ],
+)
 def test_malformed_jsonl_names_file_and_line(tmp_path, rows, message):
     path = jsonl(tmp_path, "bad.jsonl", rows)
     cfg = DataConfig(train=str(path), val=None, labels=LABELS)
@@ -93,8 +96,11 @@ def test_stratified_seeded_split(tmp_path):
 
 
 def test_duplicates_and_overlap_are_reported_not_fatal(tmp_path):
-    train = jsonl(tmp_path, "t.jsonl", [{"text": "Same text", "label": "billing"}, {"text": "same  TEXT", "label": "other"},
-                                        {"text": "unique", "label": "billing"}])
+    train = jsonl(
+        tmp_path,
+        "t.jsonl",
+        [{"text": "Same text", "label": "billing"}, {"text": "same  TEXT", "label": "other"}, {"text": "unique", "label": "billing"}],
+    )
     val = jsonl(tmp_path, "v.jsonl", [{"text": "unique", "label": "billing"}])
     splits = load_splits(DataConfig(train=str(train), val=str(val), labels=LABELS))
     joined = " | ".join(splits.warnings)
@@ -127,7 +133,6 @@ def test_shipped_demo_data_has_no_duplicates_or_templated_near_duplicates():
 
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "data").glob("*/*.jsonl"))
     assert len(files) == 6
-    result = subprocess.run([sys.executable, "scripts/check_dataset.py", *files], cwd=ROOT, capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "scripts/check_dataset.py", *files], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert "exact duplicates: 0; pairs above Jaccard 0.6: 0" in result.stdout

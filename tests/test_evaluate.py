@@ -24,14 +24,21 @@ def test_evaluate_and_report_files(trained, small_data, tmp_path):
     examples = read_examples(small_data["test"])
     tuned = Classifier.from_pretrained(trained.adapter_dir)
     base = Classifier.from_pretrained(tuned.meta.base_model, labels=tuned.labels)
-    results = [evaluate(clf, examples, mode=mode, name=name)
-               for mode in ("score", "generate") for name, clf in (("base", base), ("adapter", tuned))]
+    results = [
+        evaluate(clf, examples, mode=mode, name=name)
+        for mode in ("score", "generate")
+        for name, clf in (("base", base), ("adapter", tuned))
+    ]
     report = build_report(results, examples, str(small_data["test"]), tuned.labels)
     out = write_report(report, tmp_path / "report")
 
     saved = json.loads((out / "report.json").read_text())
     assert [(r["model"], r["mode"]) for r in saved["results"]] == [
-        ("base", "score"), ("adapter", "score"), ("base", "generate"), ("adapter", "generate")]
+        ("base", "score"),
+        ("adapter", "score"),
+        ("base", "generate"),
+        ("adapter", "generate"),
+    ]
     gold = [e.label for e in examples]
     for r, result in zip(saved["results"], results):
         pred = [p.label for p in result.predictions]

@@ -18,8 +18,13 @@ from loratune.errors import LoratuneError
 FAMILIES = ["seq2seq", "causal", "encoder"]
 # The tiny random encoder reads the text alone (no instruction) and needs more steps to move its loss.
 STEPS = {"seq2seq": "16", "causal": "16", "encoder": "48"}
-TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
-         "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?"]
+TEXTS = [
+    "I was charged twice for my subscription.",
+    "The app crashes on startup.",
+    "Can't log in after resetting my password",
+    "parcel never arrived",
+    "Do you have a store in Leeds?",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,9 +42,11 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, demo_rows):
     d = tmp_path_factory.mktemp("family-data")
-    return {"train": write_jsonl(d / "train.jsonl", demo_rows["train"][:160]),
-            "val": write_jsonl(d / "val.jsonl", demo_rows["val"][:30]),
-            "test": write_jsonl(d / "test.jsonl", demo_rows["test"][:30])}
+    return {
+        "train": write_jsonl(d / "train.jsonl", demo_rows["train"][:160]),
+        "val": write_jsonl(d / "val.jsonl", demo_rows["val"][:30]),
+        "test": write_jsonl(d / "test.jsonl", demo_rows["test"][:30]),
+    }
 
 
 def cli(*args) -> tuple[int, str, str]:
@@ -69,12 +76,32 @@ def runs(request, tmp_path_factory, data):
             model = request.getfixturevalue(TINY_FIXTURES[family])
             out = tmp_path_factory.mktemp(f"run-{family}")
             code, stdout, stderr = cli(
-                "train", "--model", model, "--train", data["train"], "--val", data["val"], "--labels", ",".join(LABELS),
-                "--output-dir", out, "--max-steps", STEPS[family], "--batch-size", "8", "--lr", "0.005", "--seed", "3",
-                "--set", "train.logging_steps=4", "--json")
+                "train",
+                "--model",
+                model,
+                "--train",
+                data["train"],
+                "--val",
+                data["val"],
+                "--labels",
+                ",".join(LABELS),
+                "--output-dir",
+                out,
+                "--max-steps",
+                STEPS[family],
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.005",
+                "--seed",
+                "3",
+                "--set",
+                "train.logging_steps=4",
+                "--json",
+            )
             assert code == 0, stderr[-3000:]
             # Evaluation lines share stdout with the JSON summary (as in test_train's torchrun test).
-            done[family] = (out / "final", json.loads(stdout[stdout.index("{"):]), model)
+            done[family] = (out / "final", json.loads(stdout[stdout.index("{") :]), model)
         return done[family]
 
     return get
@@ -117,13 +144,15 @@ def test_end_to_end_through_the_cli(family, runs, data, tmp_path):
 
     # compare: base vs adapter in one report; encoders have no generate mode
     out = tmp_path / "report"
-    code, _, stderr = cli("compare", "--adapter", adapter, "--test", data["test"], "--output-dir", out,
-                          "--set", "predict.max_new_tokens=4")
+    code, _, stderr = cli("compare", "--adapter", adapter, "--test", data["test"], "--output-dir", out, "--set", "predict.max_new_tokens=4")
     assert code == 0, stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     expected_modes = ["score"] if family == "encoder" else ["score", "generate"]
+    # ... and the frozen-embedding baseline fit on the same training file (the dev extra installs MiniLM).
     assert [(r["model"], r["mode"]) for r in report["results"]] == [
-        (name, mode) for mode in expected_modes for name in ("base", "adapter")]
+        (name, mode) for mode in expected_modes for name in ("base", "adapter")
+    ] + [("embeddings+logreg", "score")]
+    assert 0.0 <= report["results"][-1]["accuracy"] <= 1.0 and report["results"][-1]["n"] == 30
     assert (out / "report.md").is_file()
 
 
@@ -138,8 +167,21 @@ def test_compare_several_adapters_in_one_report(runs, data, tmp_path):
     causal, _, _ = runs("causal")
     encoder, _, _ = runs("encoder")
     out = tmp_path / "many"
-    code, stdout, stderr = cli("compare", "--adapter", causal, "--adapter", encoder, "--test", data["test"],
-                               "--output-dir", out, "--mode", "score")
+    code, stdout, stderr = cli(
+        "compare",
+        "--adapter",
+        causal,
+        "--adapter",
+        encoder,
+        "--test",
+        data["test"],
+        "--output-dir",
+        out,
+        "--mode",
+        "score",
+        "--baseline",
+        "none",
+    )
     assert code == 0, stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     names = [r["model"] for r in report["results"]]
@@ -170,12 +212,14 @@ def test_encoder_adapter_on_another_encoder_is_refused(runs, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # Causal LMs
 
+
 def causal(base, chat_template: bool, labels=LABELS, model=None, **prompt):
     """The causal family over ``base`` (or ``model`` with base's tokenizer) with the default prompt."""
     from loratune.families import CausalFamily
 
-    spec = CausalFamily.make_spec(base.tokenizer, labels, chat_template="on" if chat_template else "off",
-                                  max_length=prompt.pop("max_length", 384), **prompt)
+    spec = CausalFamily.make_spec(
+        base.tokenizer, labels, chat_template="on" if chat_template else "off", max_length=prompt.pop("max_length", 384), **prompt
+    )
     return CausalFamily(model if model is not None else base.model, base.tokenizer, spec)
 
 
@@ -218,8 +262,17 @@ def test_cached_scorer_handles_absolute_positions_gpt2(causal_base):
 
     tok = causal_base.tokenizer
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=512,
-                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=512,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).eval()
     family = causal(causal_base, False, model=gpt2)
     np.testing.assert_allclose(family.label_logprobs(TEXTS[:3], batch_size=3), naive_causal_scores(family), atol=1e-4)
 
@@ -245,8 +298,8 @@ def test_causal_training_examples_mask_the_prompt_and_keep_the_eos(causal_base):
     for f, p, label in zip(enc.features, prompt_ids, ["billing", "other"]):
         assert f["input_ids"][: len(p)] == p
         assert f["labels"][: len(p)] == [IGNORE_INDEX] * len(p)
-        target = f["labels"][len(p):]
-        assert target == f["input_ids"][len(p):] and target[-1] == tok.eos_token_id
+        target = f["labels"][len(p) :]
+        assert target == f["input_ids"][len(p) :] and target[-1] == tok.eos_token_id
         assert tok.decode(target[:-1]).strip() == label
     batch = family.collator()(enc.features)
     short = len(enc.features[0]["input_ids"])
@@ -298,6 +351,7 @@ def test_batched_generation_left_pads_and_decodes_only_new_tokens(causal_base):
 
 # --------------------------------------------------------------------------------------------------
 # Encoders
+
 
 def test_encoder_head_is_saved_with_the_adapter_and_restored_exactly(tiny_encoder, tmp_path):
     import torch

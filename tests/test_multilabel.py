@@ -27,21 +27,20 @@ LABELS = ["billing", "technical", "account", "shipping", "other"]
 
 # ---- data, prompt and decision rule (no model) ---------------------------------------------------
 
+
 def test_list_labels_make_the_data_multi_label_and_say_so():
     splits = load_splits(DataConfig(train=str(ML / "train.jsonl"), val=str(ML / "val.jsonl"), labels=LABELS))
     assert splits.multi_label
     assert "multi-label data detected" in splits.warnings[0] and "train.jsonl:1" in splits.warnings[0]
     assert all(isinstance(e.label, tuple) and e.label for e in splits.train + splits.val)
     assert max(len(e.label) for e in splits.train) == 3
-    explicit = load_splits(DataConfig(train=str(ML / "train.jsonl"), val=str(ML / "val.jsonl"), labels=LABELS,
-                                      multi_label=True))
+    explicit = load_splits(DataConfig(train=str(ML / "train.jsonl"), val=str(ML / "val.jsonl"), labels=LABELS, multi_label=True))
     assert explicit.multi_label and not any("detected" in w for w in explicit.warnings)
 
 
 def test_csv_labels_split_on_the_configured_delimiter(tmp_path):
     path = tmp_path / "t.csv"
-    path.write_text('text,label\n"Refund, and reset my login","billing; account"\nApp crashed,technical\n',
-                    encoding="utf-8")
+    path.write_text('text,label\n"Refund, and reset my login","billing; account"\nApp crashed,technical\n', encoding="utf-8")
     examples = read_examples(path, multi_label=True, label_delimiter=";")
     assert [e.label for e in examples] == [("billing", "account"), ("technical",)]
     cfg = DataConfig(train=str(path), val=None, labels=LABELS, label_delimiter=";")
@@ -113,6 +112,7 @@ def test_calibrate_and_threshold_errors_are_clear():
 
 # ---- end to end on the tiny T5 -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ml_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ml-data")
@@ -139,11 +139,31 @@ def cli():
 def ml_trained(cli, tiny_t5, ml_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ml-run")
     # No --multi-label: the list labels in the JSONL must switch it on.
-    result = cli("train", "--model", tiny_t5, "--train", ml_data["train"], "--val", ml_data["val"], "--output-dir", out,
-                 "--labels", ",".join(LABELS),
-                 "--max-steps", 12, "--batch-size", 8, "--lr", 0.005, "--lora-r", 16, "--set", "train.eval_steps=12",
-                 "--json")
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    result = cli(
+        "train",
+        "--model",
+        tiny_t5,
+        "--train",
+        ml_data["train"],
+        "--val",
+        ml_data["val"],
+        "--output-dir",
+        out,
+        "--labels",
+        ",".join(LABELS),
+        "--max-steps",
+        12,
+        "--batch-size",
+        8,
+        "--lr",
+        0.005,
+        "--lora-r",
+        16,
+        "--set",
+        "train.eval_steps=12",
+        "--json",
+    )
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     return out / "final", summary, result.output
 
 
@@ -213,13 +233,18 @@ def check_predictions(rows, mode, threshold=0.5):
 def test_predict_and_evaluate_cli_match_scikit_learn(cli, ml_trained, ml_data, tmp_path, mode):
     adapter = ml_trained[0]
     short = ["--set", "predict.max_new_tokens=16"]  # room for every label; a rambling tiny model stops sooner
-    rows = [json.loads(x) for x in cli("predict", "--input", ml_data["test"], "--adapter", adapter, "--json",
-                                       "--mode", mode, "--top-k", 5, *short).stdout.splitlines()]
+    rows = [
+        json.loads(x)
+        for x in cli(
+            "predict", "--input", ml_data["test"], "--adapter", adapter, "--json", "--mode", mode, "--top-k", 5, *short
+        ).stdout.splitlines()
+    ]
     assert len(rows) == 20
     check_predictions(rows, mode)
     out = tmp_path / "ev"
-    report = json.loads(cli("evaluate", "--adapter", adapter, "--test", ml_data["test"], "--mode", mode,
-                            "--output-dir", out, "--json", *short).stdout)
+    report = json.loads(
+        cli("evaluate", "--adapter", adapter, "--test", ml_data["test"], "--mode", mode, "--output-dir", out, "--json", *short).stdout
+    )
     r = report["results"][0]
     assert report["multi_label"] and r["multi_label"] and r["n"] == 20
     binarizer = MultiLabelBinarizer(classes=LABELS)
@@ -254,8 +279,9 @@ def test_calibrate_writes_a_threshold_that_changes_predictions_as_expected(cli, 
     assert not list(tmp_path.glob(".*"))  # written atomically: no temp files left beside it
 
     # predict now applies the calibrated threshold (probabilities do not depend on it).
-    rows = [json.loads(x) for x in cli("predict", "--input", ml_data["val"], "--adapter", adapter, "--json",
-                                       "--top-k", 5).stdout.splitlines()]
+    rows = [
+        json.loads(x) for x in cli("predict", "--input", ml_data["val"], "--adapter", adapter, "--json", "--top-k", 5).stdout.splitlines()
+    ]
     check_predictions(rows, "score", threshold=t)
     probs = np.array([[row["scores"][label] for label in LABELS] for row in rows])
     y_true = MultiLabelBinarizer(classes=LABELS).fit_transform(gold_sets(ml_data["val"]))
@@ -269,8 +295,12 @@ def test_calibrate_writes_a_threshold_that_changes_predictions_as_expected(cli, 
 
     # --threshold overrides the calibrated value; --allow-empty drops the at-least-one fallback.
     few = write_jsonl(tmp_path / "few.jsonl", read_jsonl(ml_data["val"])[:4])
-    rows = [json.loads(x) for x in cli("predict", "--input", few, "--adapter", adapter, "--json", "--top-k", 5,
-                                       "--threshold", 0.999, "--allow-empty").stdout.splitlines()]
+    rows = [
+        json.loads(x)
+        for x in cli(
+            "predict", "--input", few, "--adapter", adapter, "--json", "--top-k", 5, "--threshold", 0.999, "--allow-empty"
+        ).stdout.splitlines()
+    ]
     assert [row["labels"] for row in rows] == [[label for label in LABELS if row["scores"][label] >= 0.999] for row in rows]
 
 

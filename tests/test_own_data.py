@@ -48,12 +48,32 @@ def own(tmp_path_factory, demo_rows, tiny_t5, cli):
     test_rows = [r for r in demo_rows["test"] if r["label"] in keep][:12]
     train_csv, test_csv = write_csv(d / "train.csv", rows), write_csv(d / "test.csv", test_rows, 1000)
     out = d / "run"
-    result = cli("train", "--model", tiny_t5, "--train", train_csv, "--text-field", "body", "--label-field", "category",
-                 "--id-field", "ticket_id", "--output-dir", out, "--max-steps", 8, "--batch-size", 8, "--lr", 0.005,
-                 "--task", "You sort support tickets.", "--json")
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
-    return {"adapter": out / "final", "summary": summary, "output": result.output, "test": test_csv, "dir": d,
-            "rows": test_rows}
+    result = cli(
+        "train",
+        "--model",
+        tiny_t5,
+        "--train",
+        train_csv,
+        "--text-field",
+        "body",
+        "--label-field",
+        "category",
+        "--id-field",
+        "ticket_id",
+        "--output-dir",
+        out,
+        "--max-steps",
+        8,
+        "--batch-size",
+        8,
+        "--lr",
+        0.005,
+        "--task",
+        "You sort support tickets.",
+        "--json",
+    )
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    return {"adapter": out / "final", "summary": summary, "output": result.output, "test": test_csv, "dir": d, "rows": test_rows}
 
 
 def test_labels_and_validation_come_from_the_users_data(own):
@@ -70,15 +90,17 @@ def test_later_commands_reuse_the_remembered_fields_and_pass_ids_through(own, cl
     assert [r["id"] for r in rows] == [f"T-{i}" for i in range(1000, 1000 + len(own["rows"]))]
     assert [r["text"] for r in rows] == [r["text"] for r in own["rows"]]
     assert all(r["label"] in {"account", "billing", "shipping"} and r["cut_tokens"] == 0 for r in rows)
-    report = json.loads(cli("evaluate", "--adapter", own["adapter"], "--test", own["test"], "--json",
-                            "--output-dir", own["dir"] / "eval").stdout)
+    report = json.loads(
+        cli("evaluate", "--adapter", own["adapter"], "--test", own["test"], "--json", "--output-dir", own["dir"] / "eval").stdout
+    )
     assert report["n"] == len(own["rows"]) and "examples_per_s" in report["results"][0]
 
 
 def test_abstain_gives_the_fallback_label_below_the_confidence_floor(own, cli):
     # Three labels: a top probability is at least 1/3, so a floor of 0.99 abstains on (nearly) everything here.
-    result = cli("predict", "--input", own["test"], "--adapter", own["adapter"], "--json",
-                 "--min-confidence", 0.99, "--fallback-label", "account")
+    result = cli(
+        "predict", "--input", own["test"], "--adapter", own["adapter"], "--json", "--min-confidence", 0.99, "--fallback-label", "account"
+    )
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for r in rows:
         top = max(r["scores"].values())
@@ -92,13 +114,29 @@ def test_a_multi_label_adapter_never_predicts_a_label_its_data_did_not_have(tmp_
     keep = {"billing", "account", "shipping"}
     ml = [r for r in read_jsonl(DATA.parent / "multilabel" / "train.jsonl") if set(r["label"]) <= keep]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in ml[:80]))
-    cli("train", "--model", tiny_t5, "--train", tmp_path / "train.jsonl", "--output-dir", tmp_path / "run",
-        "--max-steps", 6, "--batch-size", 8, "--lr", 0.005)
+    cli(
+        "train",
+        "--model",
+        tiny_t5,
+        "--train",
+        tmp_path / "train.jsonl",
+        "--output-dir",
+        tmp_path / "run",
+        "--max-steps",
+        6,
+        "--batch-size",
+        8,
+        "--lr",
+        0.005,
+    )
     meta = json.loads((tmp_path / "run" / "final" / "loratune.json").read_text())
     assert meta["multi_label"] is True and meta["labels"] == ["account", "billing", "shipping"]
     texts = tmp_path / "texts.txt"
     texts.write_text("my card was charged twice\nthe app crashes\nwhere is my parcel\n")
     for mode in ("score", "generate"):
-        rows = [json.loads(x) for x in cli("predict", "--input", texts, "--adapter", tmp_path / "run" / "final",
-                                           "--json", "--mode", mode).stdout.splitlines() if x.startswith("{")]
+        rows = [
+            json.loads(x)
+            for x in cli("predict", "--input", texts, "--adapter", tmp_path / "run" / "final", "--json", "--mode", mode).stdout.splitlines()
+            if x.startswith("{")
+        ]
         assert rows and all(set(r["labels"]) <= keep for r in rows)

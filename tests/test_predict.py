@@ -5,8 +5,13 @@ from loratune.errors import LoratuneError
 from loratune.families.seq2seq import seq2seq_label_logprobs
 from loratune.predict import INVALID, Classifier
 
-TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
-         "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?"]
+TEXTS = [
+    "I was charged twice for my subscription.",
+    "The app crashes on startup.",
+    "Can't log in after resetting my password",
+    "parcel never arrived",
+    "Do you have a store in Leeds?",
+]
 
 
 @pytest.fixture(scope="module")

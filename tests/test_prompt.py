@@ -21,8 +21,7 @@ def test_default_prompt_is_exactly_the_seed_prompt():
 
 
 def test_task_and_labels_come_from_arguments():
-    prompt = format_example("Where is my pizza?", labels=["late", "cold"], task="You route food orders.",
-                            input_name="order note")
+    prompt = format_example("Where is my pizza?", labels=["late", "cold"], task="You route food orders.", input_name="order note")
     assert prompt.startswith("You route food orders.\n\nGiven a order note, output exactly one")
     assert "- late\n- cold\n" in prompt
     assert prompt.endswith("Order note:\nWhere is my pizza?")

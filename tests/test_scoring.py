@@ -15,19 +15,28 @@ from loratune.predict import Classifier
 from loratune.prompt import PromptSpec, format_example
 from loratune.scoring import T5LabelScorer, _logsumexp, build_label_trie, supports_fast_scoring
 
-TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
-         "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?",
-         "hi", "Refund please, the invoice for March lists a plan I cancelled in January and nobody answers "
-               "my emails about it, this is the third time I write"]
+TEXTS = [
+    "I was charged twice for my subscription.",
+    "The app crashes on startup.",
+    "Can't log in after resetting my password",
+    "parcel never arrived",
+    "Do you have a store in Leeds?",
+    "hi",
+    "Refund please, the invoice for March lists a plan I cancelled in January and nobody answers "
+    "my emails about it, this is the third time I write",
+]
 
 LABEL_SETS = {
     "default": LABELS,
     "shared prefixes": ["bill", "billing", "billing account", "billing account closed", "account"],
     "multi-token": ["wrong item shipped", "app crashes on start", "refund"],
     "one label": ["billing"],
-    "many labels": [f"topic {i} {w}" for i, w in enumerate(
-        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-        "upsilon".split())],
+    "many labels": [
+        f"topic {i} {w}"
+        for i, w in enumerate(
+            "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon".split()
+        )
+    ],
 }
 
 
@@ -112,9 +121,12 @@ def test_both_attention_implementations(base, attn):
     model = copy.deepcopy(model)
     model.set_attn_implementation(attn)
     labels = LABEL_SETS["shared prefixes"]
-    np.testing.assert_allclose(seq2seq_label_logprobs(model, tokenizer, prompts_for(labels), labels),
-                               seq2seq_label_logprobs_reference(model, tokenizer, prompts_for(labels), labels),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        seq2seq_label_logprobs(model, tokenizer, prompts_for(labels), labels),
+        seq2seq_label_logprobs_reference(model, tokenizer, prompts_for(labels), labels),
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_trie_shares_prefixes_and_indexes_every_label_token():
@@ -142,8 +154,7 @@ def test_clamped_logsumexp_equals_torchs(dtype):
     torch.manual_seed(0)
     logits = (torch.randn(3, 4, 32128) * 40).to(dtype)  # spans ~300: most terms fall under the clamp
     logits[0, 0, :5] = 500.0  # several equal maxima
-    torch.testing.assert_close(_logsumexp(logits), torch.logsumexp(logits, -1), rtol=0,
-                               atol=1e-5 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(_logsumexp(logits), torch.logsumexp(logits, -1), rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
 def test_scorer_projects_only_trie_nodes(base):
@@ -159,14 +170,27 @@ def test_other_seq2seq_models_fall_back_to_the_reference(base):
 
     _, tokenizer = base
     torch.manual_seed(0)
-    bart = BartForConditionalGeneration(BartConfig(
-        vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, pad_token_id=0, eos_token_id=1,
-        bos_token_id=2, decoder_start_token_id=0)).eval()
+    bart = BartForConditionalGeneration(
+        BartConfig(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=64,
+            decoder_ffn_dim=64,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            decoder_start_token_id=0,
+        )
+    ).eval()
     assert not supports_fast_scoring(bart)
     prompts = prompts_for(LABELS)
-    np.testing.assert_array_equal(seq2seq_label_logprobs(bart, tokenizer, prompts, LABELS),
-                                  seq2seq_label_logprobs_reference(bart, tokenizer, prompts, LABELS))
+    np.testing.assert_array_equal(
+        seq2seq_label_logprobs(bart, tokenizer, prompts, LABELS), seq2seq_label_logprobs_reference(bart, tokenizer, prompts, LABELS)
+    )
 
 
 def test_duplicate_label_tokens_are_rejected(base):

@@ -32,12 +32,18 @@ from loratune.serve import MicroBatcher, ShuttingDown, check_adapters, create_ap
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_CHARS, MAX_BATCH = 200, 8
-TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.",
-         "Can't log in after resetting my password", "parcel never arrived", "Do you have a store in Leeds?"]
+TEXTS = [
+    "I was charged twice for my subscription.",
+    "The app crashes on startup.",
+    "Can't log in after resetting my password",
+    "parcel never arrived",
+    "Do you have a store in Leeds?",
+]
 
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures: a second adapter over the same base, the loaded pool, a live server.
+
 
 @pytest.fixture(scope="module")
 def adapter_a(trained) -> Path:
@@ -117,6 +123,7 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 # --------------------------------------------------------------------------------------------------
 # Answers.
 
+
 def test_classify_one_text_and_several(client, direct):
     labels = direct["a"].labels
     one = client.post("/v1/classify", json={"text": TEXTS[0]}).json()
@@ -156,8 +163,7 @@ def test_labels_models_and_probes(live, client, direct):
 
 
 def test_two_adapters_over_one_base_answer_by_name(client, direct):
-    answers = {name: client.post("/v1/classify", json={"texts": TEXTS, "model": name}).json()["results"]
-               for name in ("a", "b")}
+    answers = {name: client.post("/v1/classify", json={"texts": TEXTS, "model": name}).json()["results"] for name in ("a", "b")}
     for name in ("a", "b"):
         for result, want in zip(answers[name], direct[name].predict(TEXTS)):
             assert result["scores"] == pytest.approx(want.scores, abs=1e-4)
@@ -174,24 +180,28 @@ def test_unknown_model_is_404(client):
 # --------------------------------------------------------------------------------------------------
 # Bad input: always a 4xx with a JSON error body, never a 500.
 
-@pytest.mark.parametrize("body,status,code", [
-    ({"text": ""}, 422, "invalid_request"),
-    ({"text": "   \n"}, 422, "invalid_request"),
-    ({"text": 5}, 422, "invalid_request"),
-    ({"text": None}, 422, "invalid_request"),
-    ({"texts": []}, 422, "invalid_request"),
-    ({"texts": ["fine", 3]}, 422, "invalid_request"),
-    ({"texts": "not a list"}, 422, "invalid_request"),
-    ({"text": "a", "texts": ["b"]}, 422, "invalid_request"),
-    ({}, 422, "invalid_request"),
-    ({"txt": "typo"}, 422, "invalid_request"),
-    ({"text": "ok", "mode": "nonsense"}, 422, "invalid_request"),
-    ({"text": "ok", "model": 7}, 422, "invalid_request"),
-    ([1, 2], 422, "invalid_request"),
-    ({"text": "x" * (MAX_CHARS + 1)}, 422, "invalid_request"),
-    ({"texts": ["ok"] * (MAX_BATCH + 1)}, 422, "invalid_request"),
-    ({"texts": ["ok", "x" * (MAX_CHARS + 1)]}, 422, "invalid_request"),
-])
+
+@pytest.mark.parametrize(
+    "body,status,code",
+    [
+        ({"text": ""}, 422, "invalid_request"),
+        ({"text": "   \n"}, 422, "invalid_request"),
+        ({"text": 5}, 422, "invalid_request"),
+        ({"text": None}, 422, "invalid_request"),
+        ({"texts": []}, 422, "invalid_request"),
+        ({"texts": ["fine", 3]}, 422, "invalid_request"),
+        ({"texts": "not a list"}, 422, "invalid_request"),
+        ({"text": "a", "texts": ["b"]}, 422, "invalid_request"),
+        ({}, 422, "invalid_request"),
+        ({"txt": "typo"}, 422, "invalid_request"),
+        ({"text": "ok", "mode": "nonsense"}, 422, "invalid_request"),
+        ({"text": "ok", "model": 7}, 422, "invalid_request"),
+        ([1, 2], 422, "invalid_request"),
+        ({"text": "x" * (MAX_CHARS + 1)}, 422, "invalid_request"),
+        ({"texts": ["ok"] * (MAX_BATCH + 1)}, 422, "invalid_request"),
+        ({"texts": ["ok", "x" * (MAX_CHARS + 1)]}, 422, "invalid_request"),
+    ],
+)
 def test_bad_json_bodies(client, body, status, code):
     error = assert_error(client.post("/v1/classify", json=body), status, code)
     if "x" * MAX_CHARS in json.dumps(body):
@@ -200,17 +210,20 @@ def test_bad_json_bodies(client, body, status, code):
         assert "(the server's --max-batch)" in error["message"]
 
 
-@pytest.mark.parametrize("content,content_type,status,code", [
-    (b'{"text": ', "application/json", 400, "malformed_json"),
-    (b'{"text": "caf\xff"}', "application/json", 400, None),  # not UTF-8
-    (b'{"text": "\\ud800 lone surrogate"}', "application/json", 422, "invalid_request"),
-    (b'{"\\ud800": 1}', "application/json", 422, "invalid_request"),  # echoed in the message: still valid JSON
-    (b"", "application/json", 422, "invalid_request"),
-    (b'{"text": "hi"}', "text/plain", 415, "unsupported_media_type"),
-    (b'text=hi', "application/x-www-form-urlencoded", 415, "unsupported_media_type"),  # curl -d without -H
-    (b'{"text": "hi"}', None, 415, "unsupported_media_type"),
-    (b"[" * 100_000, "application/json", 413, "too_large"),  # larger than any valid request
-])
+@pytest.mark.parametrize(
+    "content,content_type,status,code",
+    [
+        (b'{"text": ', "application/json", 400, "malformed_json"),
+        (b'{"text": "caf\xff"}', "application/json", 400, None),  # not UTF-8
+        (b'{"text": "\\ud800 lone surrogate"}', "application/json", 422, "invalid_request"),
+        (b'{"\\ud800": 1}', "application/json", 422, "invalid_request"),  # echoed in the message: still valid JSON
+        (b"", "application/json", 422, "invalid_request"),
+        (b'{"text": "hi"}', "text/plain", 415, "unsupported_media_type"),
+        (b"text=hi", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),  # curl -d without -H
+        (b'{"text": "hi"}', None, 415, "unsupported_media_type"),
+        (b"[" * 100_000, "application/json", 413, "too_large"),  # larger than any valid request
+    ],
+)
 def test_bad_raw_bodies(client, content, content_type, status, code):
     headers = {"Content-Type": content_type} if content_type else {}
     assert_error(client.post("/v1/classify", content=content, headers=headers), status, code)
@@ -223,8 +236,7 @@ def test_streamed_oversized_body_is_refused(client):
             yield b"x" * 10_000
         yield b'"}'
 
-    assert_error(client.post("/v1/classify", content=chunks(), headers={"Content-Type": "application/json"}),
-                 413, "too_large")
+    assert_error(client.post("/v1/classify", content=chunks(), headers={"Content-Type": "application/json"}), 413, "too_large")
 
 
 def test_wrong_method_and_unknown_path(client):
@@ -235,10 +247,16 @@ def test_wrong_method_and_unknown_path(client):
 # --------------------------------------------------------------------------------------------------
 # API key.
 
+
 def test_api_key_is_required_and_checked(live):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-API-Key": KEY}):
-        for method, path in (("POST", "/v1/classify"), ("GET", "/v1/labels"), ("GET", "/openapi.json"),
-                             ("GET", "/v1/stats"), ("GET", "/nope")):
+        for method, path in (
+            ("POST", "/v1/classify"),
+            ("GET", "/v1/labels"),
+            ("GET", "/openapi.json"),
+            ("GET", "/v1/stats"),
+            ("GET", "/nope"),
+        ):
             response = httpx.request(method, f"{live}{path}", json={"text": "hi"}, headers=headers)
             assert_error(response, 401, "unauthorized")
             assert response.headers["www-authenticate"] == "Bearer"
@@ -248,6 +266,7 @@ def test_api_key_is_required_and_checked(live):
 # --------------------------------------------------------------------------------------------------
 # Throughput: micro-batching.
 
+
 def test_200_concurrent_requests_are_micro_batched_without_mixing_adapters(client, live, direct):
     n = 200
     jobs = [("a" if i % 3 else "b", TEXTS[i % len(TEXTS)]) for i in range(n)]
@@ -256,8 +275,7 @@ def test_200_concurrent_requests_are_micro_batched_without_mixing_adapters(clien
     async def send_all():
         limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
         async with httpx.AsyncClient(base_url=live, headers=AUTH, limits=limits, timeout=120) as ac:
-            return await asyncio.gather(*(ac.post("/v1/classify", json={"text": text, "model": model})
-                                          for model, text in jobs))
+            return await asyncio.gather(*(ac.post("/v1/classify", json={"text": text, "model": model}) for model, text in jobs))
 
     started = time.perf_counter()
     responses = asyncio.run(send_all())
@@ -268,8 +286,7 @@ def test_200_concurrent_requests_are_micro_batched_without_mixing_adapters(clien
     batches = after["batches"] - before["batches"]
     assert after["requests"] - before["requests"] == n
     assert passes < n and batches < n, (passes, batches)
-    print(f"\n{n} concurrent requests: {batches} micro-batches, {passes} forward passes, "
-          f"{n / elapsed:.0f} requests/s")
+    print(f"\n{n} concurrent requests: {batches} micro-batches, {passes} forward passes, {n / elapsed:.0f} requests/s")
     # A batch mixing adapters would score some texts with the wrong adapter.
     expected = {(m, t): direct[m].predict([t])[0].scores for m in ("a", "b") for t in TEXTS}
     for (model, text), response in zip(jobs, responses):
@@ -348,6 +365,7 @@ def test_batcher_failure_reaches_every_request_in_the_batch_and_the_loop_goes_on
 
 # --------------------------------------------------------------------------------------------------
 # Loading: readiness, failures, adapters that cannot share a base.
+
 
 def test_readyz_is_503_while_loading_and_200_after(pool):
     gate = threading.Event()
@@ -429,11 +447,17 @@ def test_startup_errors_stop_the_server_with_one_line_and_exit_2(adapter_a, tmp_
 # --------------------------------------------------------------------------------------------------
 # The real command: env API key, JSON logs, SIGTERM finishes in-flight requests.
 
+
 def test_cli_serve_end_to_end_with_graceful_shutdown(adapter_a):
     env = {**os.environ, "LORATUNE_API_KEY": KEY, "PYTHONUNBUFFERED": "1"}
     # --batch-size 4: the slow requests below take many forward passes, so SIGTERM surely lands mid-way.
-    proc = subprocess.Popen([sys.executable, "-m", "loratune", "serve", "--adapter", str(adapter_a), "--port", "0",
-                             "--batch-size", "4"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loratune", "serve", "--adapter", str(adapter_a), "--port", "0", "--batch-size", "4"],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
@@ -455,8 +479,7 @@ def test_cli_serve_end_to_end_with_graceful_shutdown(adapter_a):
         # Slow requests in flight, then SIGTERM: every one must still be answered.
         big = {"texts": [" ".join(TEXTS) * 8] * 16}
         with ThreadPoolExecutor(6) as pool:
-            futures = [pool.submit(httpx.post, f"{url}/v1/classify", json=big, headers=AUTH, timeout=120)
-                       for _ in range(6)]
+            futures = [pool.submit(httpx.post, f"{url}/v1/classify", json=big, headers=AUTH, timeout=120) for _ in range(6)]
             while httpx.get(f"{url}/v1/stats", headers=AUTH).json()["in_flight"] < 3:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
@@ -480,6 +503,7 @@ def test_cli_serve_end_to_end_with_graceful_shutdown(adapter_a):
 
 # --------------------------------------------------------------------------------------------------
 # Property-based fuzzing of the OpenAPI schema: no input makes it answer 500.
+
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_openapi_fuzz_finds_no_server_errors(live, mode):

@@ -60,8 +60,10 @@ def test_adapter_changes_the_models_outputs(trained, small_data):
     base = Classifier.from_pretrained(meta["base_model"], labels=tuned.labels)
     p_tuned, p_base = tuned.predict_proba(texts), base.predict_proba(texts)
     assert abs(p_tuned - p_base).max() > 0.05
+
     def acc(probs):
         return sum(tuned.labels[i] == g for i, g in zip(probs.argmax(1), gold)) / len(gold)
+
     assert acc(p_tuned) == pytest.approx(meta["metrics"]["best_val_accuracy"], abs=1e-9)
     assert acc(p_tuned) > acc(p_base)
 
@@ -87,10 +89,35 @@ def test_divergence_stops_with_a_clear_message():
 
 
 def cli_train_args(tiny_t5, small_data, out, *extra):
-    return [sys.executable, "-m", "loratune", "train", "--model", str(tiny_t5), "--train", small_data["train"],
-            "--val", small_data["val"], "--output-dir", out, "--max-steps", "24", "--save-steps", "4",
-            "--batch-size", "8", "--lr", "0.005", "--seed", "7", "--set", "train.logging_steps=2",
-            "--set", "train.eval_steps=8", *map(str, extra)]
+    return [
+        sys.executable,
+        "-m",
+        "loratune",
+        "train",
+        "--model",
+        str(tiny_t5),
+        "--train",
+        small_data["train"],
+        "--val",
+        small_data["val"],
+        "--output-dir",
+        out,
+        "--max-steps",
+        "24",
+        "--save-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.005",
+        "--seed",
+        "7",
+        "--set",
+        "train.logging_steps=2",
+        "--set",
+        "train.eval_steps=8",
+        *map(str, extra),
+    ]
 
 
 def wait_for(predicate, timeout=120.0):
@@ -108,8 +135,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_t5, small_data, tmp_p
     subprocess.run(cli_train_args(tiny_t5, small_data, straight), check=True, capture_output=True, env=env, timeout=300)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(cli_train_args(tiny_t5, small_data, crashed), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_train_args(tiny_t5, small_data, crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = crashed / "checkpoints" / "checkpoint-12" / "trainer_state.json"
     try:
         assert wait_for(ckpt.is_file), "no checkpoint appeared"
@@ -122,8 +148,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_t5, small_data, tmp_p
     again = subprocess.run(cli_train_args(tiny_t5, small_data, crashed), capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "--resume" in again.stderr
 
-    resumed = subprocess.run(cli_train_args(tiny_t5, small_data, crashed, "--resume"), capture_output=True,
-                             text=True, env=env, timeout=300)
+    resumed = subprocess.run(cli_train_args(tiny_t5, small_data, crashed, "--resume"), capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = adapter_tensors(straight / "final"), adapter_tensors(crashed / "final")
     assert a.keys() == b.keys()
@@ -138,8 +163,13 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tiny_t5, small_data, tmp_p
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_t5, small_data, tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cli_train_args(tiny_t5, small_data, out, "--set", "train.save_steps=1000"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cli_train_args(tiny_t5, small_data, out, "--set", "train.save_steps=1000"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -150,8 +180,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_t5, small_data, tmp_
     assert proc.returncode == 130, output[-2000:]
     assert "continue with --resume" in output
     assert list((out / "checkpoints").glob("checkpoint-*")), "Ctrl-C must leave a checkpoint"
-    resumed = subprocess.run(cli_train_args(tiny_t5, small_data, out, "--resume"), capture_output=True, text=True,
-                             env=env, timeout=300)
+    resumed = subprocess.run(cli_train_args(tiny_t5, small_data, out, "--resume"), capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "final" / "adapter_model.safetensors").is_file()
 
@@ -165,23 +194,45 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_t5, small_data, tmp_pat
 
 def test_two_process_data_parallel_training_with_torchrun(tiny_t5, small_data, tmp_path):
     out = tmp_path / "ddp"
-    train_args = ["-m", "loratune", "train", "--model", tiny_t5, "--train", small_data["train"], "--val",
-                  small_data["val"], "--max-steps", "8", "--batch-size", "8", "--lr", "0.005", "--json"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *train_args,
-           "--output-dir", out]
+    train_args = [
+        "-m",
+        "loratune",
+        "train",
+        "--model",
+        tiny_t5,
+        "--train",
+        small_data["train"],
+        "--val",
+        small_data["val"],
+        "--max-steps",
+        "8",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.005",
+        "--json",
+    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *train_args, "--output-dir", out]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "world size: 2" in result.stderr
-    summary = json.loads(result.stdout[result.stdout.index("{"):result.stdout.rindex("}") + 1])
+    summary = json.loads(result.stdout[result.stdout.index("{") : result.stdout.rindex("}") + 1])
     assert summary["metrics"]["steps"] == 8
     # 8 steps x 8 per device x 2 processes = 128 samples seen: both ranks did real work.
     meta = json.loads((out / "final" / "loratune.json").read_text())
     assert meta["metrics"]["epochs"] == pytest.approx(128 / 240, abs=0.01)
     assert (out / "final" / "adapter_model.safetensors").is_file()
     # The logged loss is a per-example mean in both set-ups, not scaled by the number of processes.
-    single = subprocess.run([str(c) for c in [sys.executable, *train_args, "--output-dir", tmp_path / "one"]],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT, check=True)
-    one = json.loads(single.stdout[single.stdout.index("{"):single.stdout.rindex("}") + 1])
+    single = subprocess.run(
+        [str(c) for c in [sys.executable, *train_args, "--output-dir", tmp_path / "one"]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=ROOT,
+        check=True,
+    )
+    one = json.loads(single.stdout[single.stdout.index("{") : single.stdout.rindex("}") + 1])
     ratio = summary["metrics"]["loss_history"][0] / one["metrics"]["loss_history"][0]
     assert 0.67 < ratio < 1.5, ratio

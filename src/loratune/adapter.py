@@ -78,6 +78,7 @@ class AdapterMeta:
     @classmethod
     def from_dict(cls, data, source: str | Path = META_FILE) -> AdapterMeta:
         """Validate and convert a parsed ``loratune.json``; LoratuneError (one sentence) if anything is off."""
+
         def bad(problem: str) -> LoratuneError:
             return LoratuneError(f"{source}: {problem}; the adapter metadata is damaged (retrain, or restore the file)")
 
@@ -87,8 +88,9 @@ class AdapterMeta:
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise bad(f"unknown format {version!r}")
         if version > FORMAT:
-            raise LoratuneError(f"{source}: written by a newer loratune (format {version}, this one reads up to "
-                                f"{FORMAT}); upgrade loratune")
+            raise LoratuneError(
+                f"{source}: written by a newer loratune (format {version}, this one reads up to {FORMAT}); upgrade loratune"
+            )
         for key, kind in (("base_model", str), ("family", str), ("labels", list), ("prompt", dict)):
             if key not in data:
                 raise bad(f"missing key {key!r}")
@@ -106,8 +108,9 @@ class AdapterMeta:
         if family not in FAMILIES:
             raise bad(f"unknown family {family!r}")
         spec = _spec(data, labels, family, bad)
-        kwargs = {f.name: data[f.name] for f in dataclasses.fields(cls)
-                  if f.name not in ("base_model", "family", "spec") and f.name in data}
+        kwargs = {
+            f.name: data[f.name] for f in dataclasses.fields(cls) if f.name not in ("base_model", "family", "spec") and f.name in data
+        }
         for key in ("threshold", "min_confidence"):
             value = kwargs.get(key)
             if value is not None and (not isinstance(value, (int, float)) or not 0 <= value <= 1 or math.isnan(value)):
@@ -152,8 +155,7 @@ def _spec(data: dict, labels: list, family: str, bad) -> PromptSpec:
         # family read the full instruction prompt.
         chat = bool(prompt.get("chat_template", False))
         cue = family_class(family).answer_cue(chat)
-        return PromptSpec(tuple(labels), prompt["task"], prompt["input_name"], multi_label, max_length, chat, cue,
-                          input_only=False)
+        return PromptSpec(tuple(labels), prompt["task"], prompt["input_name"], multi_label, max_length, chat, cue, input_only=False)
     try:
         return PromptSpec.from_dict({**prompt, "labels": labels, "multi_label": multi_label, "max_length": max_length})
     except (TypeError, LoratuneError) as exc:
@@ -180,6 +182,7 @@ def _text(value) -> bool:
 
 # --------------------------------------------------------------------------------------------------
 # Loading adapters onto a base model.
+
 
 def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=None, adapter_name: str = "default"):
     """Load base + adapter as its metadata describes. Returns (LoadedModel with a PeftModel, AdapterMeta).
@@ -221,8 +224,10 @@ def _adapter_tokenizer(auto, adapter_dir: Path):
     try:
         return auto.from_pretrained(str(adapter_dir))
     except Exception as exc:  # tokenizers raise many types on a damaged file; all mean the same to the user
-        raise LoratuneError(f"cannot load the tokenizer saved with adapter {adapter_dir} (tokenizer.json): "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+        raise LoratuneError(
+            f"cannot load the tokenizer saved with adapter {adapter_dir} (tokenizer.json): "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}"
+        ) from None
 
 
 def check_shared_base(metas: Mapping[str, AdapterMeta], base_model: str | None = None) -> None:

@@ -39,8 +39,7 @@ def calibrate_threshold(probs: np.ndarray, gold: np.ndarray, allow_empty: bool =
     Returns (threshold, micro-F1 at it).
     """
     gold = np.asarray(gold, dtype=bool)
-    scored = [(micro_f1(gold, decide_labels(probs, t, allow_empty)), -abs(t - DEFAULT_THRESHOLD), float(t))
-              for t in THRESHOLD_GRID]
+    scored = [(micro_f1(gold, decide_labels(probs, t, allow_empty)), -abs(t - DEFAULT_THRESHOLD), float(t)) for t in THRESHOLD_GRID]
     best, _, threshold = max(scored)
     return threshold, best
 
@@ -53,9 +52,14 @@ def calibrate(classifier: Classifier, examples: Sequence[Example], progress=None
     gold = np.array([[label in example_labels(e) for label in classifier.labels] for e in examples])
     allow_empty = classifier.settings.allow_empty
     threshold, best = calibrate_threshold(probs, gold, allow_empty)
-    return {"threshold": threshold, "micro_f1": best, "allow_empty": allow_empty, "n": len(examples),
-            "micro_f1_at_default": micro_f1(gold, decide_labels(probs, DEFAULT_THRESHOLD, allow_empty)),
-            "previous_threshold": classifier.threshold}
+    return {
+        "threshold": threshold,
+        "micro_f1": best,
+        "allow_empty": allow_empty,
+        "n": len(examples),
+        "micro_f1_at_default": micro_f1(gold, decide_labels(probs, DEFAULT_THRESHOLD, allow_empty)),
+        "previous_threshold": classifier.threshold,
+    }
 
 
 def write_threshold(adapter_dir: str | Path, calibration: dict, dataset: str) -> Path:
@@ -66,13 +70,12 @@ def write_threshold(adapter_dir: str | Path, calibration: dict, dataset: str) ->
     return meta.write(adapter_dir)
 
 
-
 CONFIDENCE_GRID = np.round(np.arange(0.0, 1.0, 0.01), 2)
 
 
-
-def calibrate_confidence(probs: np.ndarray, gold_idx: Sequence[int], labels: Sequence[str], fallback_label: str,
-                         target_in_scope_accuracy: float | None = None) -> tuple[float, dict]:
+def calibrate_confidence(
+    probs: np.ndarray, gold_idx: Sequence[int], labels: Sequence[str], fallback_label: str, target_in_scope_accuracy: float | None = None
+) -> tuple[float, dict]:
     """Pick ``min_confidence`` (0.00 to 0.99) on validation data; returns (threshold, metrics at it).
 
     With a target: the highest threshold whose in-scope accuracy still reaches it (the most out-of-scope recall
@@ -92,10 +95,13 @@ def calibrate_confidence(probs: np.ndarray, gold_idx: Sequence[int], labels: Seq
 
     def metrics_at(threshold: float) -> dict:
         pred = apply_abstain(top, confidence, threshold, fallback_label)
-        return {"threshold": float(threshold), "n": len(gold),
-                "accuracy": float(np.mean([p == g for p, g in zip(pred, gold)])) if gold else 0.0,
-                "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
-                **abstain_metrics(gold, pred, fallback_label)}
+        return {
+            "threshold": float(threshold),
+            "n": len(gold),
+            "accuracy": float(np.mean([p == g for p, g in zip(pred, gold)])) if gold else 0.0,
+            "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+            **abstain_metrics(gold, pred, fallback_label),
+        }
 
     scored = [metrics_at(t) for t in CONFIDENCE_GRID]
     if target_in_scope_accuracy is not None:
@@ -107,8 +113,9 @@ def calibrate_confidence(probs: np.ndarray, gold_idx: Sequence[int], labels: Seq
     return best["threshold"], best
 
 
-def calibrate_abstain(classifier: Classifier, examples: Sequence[Example], fallback_label: str,
-                      target_in_scope_accuracy: float | None = None, progress=None) -> dict:
+def calibrate_abstain(
+    classifier: Classifier, examples: Sequence[Example], fallback_label: str, target_in_scope_accuracy: float | None = None, progress=None
+) -> dict:
     """Single-label: pick ``min_confidence`` on labelled (validation) examples; returns what was found."""
     if fallback_label not in classifier.labels:
         raise LoratuneError(f"--fallback-label {fallback_label!r} is not one of the adapter's labels")

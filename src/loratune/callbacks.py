@@ -27,8 +27,10 @@ class BestAdapter(TrainerCallback, ExportableState):
         self.value, self.step, self.loss = -1.0, -1, float("nan")
 
     def state(self) -> dict:
-        return {"args": {"path": str(self.path), "metric": self.metric},
-                "attributes": {"value": self.value, "step": self.step, "loss": self.loss}}
+        return {
+            "args": {"path": str(self.path), "metric": self.metric},
+            "attributes": {"value": self.value, "step": self.step, "loss": self.loss},
+        }
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         value = (metrics or {}).get(f"eval_{self.metric}", float("nan"))
@@ -94,8 +96,7 @@ class ProgressBar(TrainerCallback):
             from tqdm.auto import tqdm
 
             self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
             self.start, self.first_step = time.perf_counter(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -107,16 +108,20 @@ class ProgressBar(TrainerCallback):
             return
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = (state.global_step - self.first_step) * self.samples_per_step / elapsed
-        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}",
-                             samples_s=f"{rate:.1f}")
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", samples_s=f"{rate:.1f}")
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is not None and metrics:
-            scores = " ".join(f"val_{name} {metrics[f'eval_{name}']:.4f}"
-                              for name in ("accuracy", "micro_f1", "subset_accuracy") if f"eval_{name}" in metrics)
+            scores = " ".join(
+                f"val_{name} {metrics[f'eval_{name}']:.4f}"
+                for name in ("accuracy", "micro_f1", "subset_accuracy")
+                if f"eval_{name}" in metrics
+            )
             # Beside the bar on stderr, so stdout stays clean for --json.
-            self.bar.write(f"step {state.global_step} epoch {state.epoch or 0:.2f}: "
-                           f"val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}", file=sys.stderr)
+            self.bar.write(
+                f"step {state.global_step} epoch {state.epoch or 0:.2f}: val_loss {metrics.get('eval_loss', float('nan')):.4f} {scores}",
+                file=sys.stderr,
+            )
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:

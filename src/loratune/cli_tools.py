@@ -1,4 +1,4 @@
-"""CLI commands beside the main flow: ``export`` (merged model / GGUF) and ``bench`` (speed and memory)."""
+"""CLI commands beside the main flow: ``serve`` (HTTP), ``export`` (merged model / GGUF), ``bench`` (speed)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,71 @@ from typing import Annotated, Optional
 import typer
 
 from . import cli_options as opt
+from .config import validate
 from .console import print_targets, quiet_libraries
 from .errors import LoratuneError
 
 
+def serve(
+    adapter: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--adapter",
+            help="Adapter directory, or NAME=DIR; repeat to serve several adapters of one base model (default: OUTPUT_DIR/final).",
+        ),
+    ] = None,
+    config: opt.ConfigOpt = None,
+    model: opt.ModelOpt = None,
+    mode: opt.ModeOpt = None,
+    batch_size: opt.BatchOpt = None,
+    host: Annotated[
+        Optional[str], typer.Option("--host", help="Interface to bind: 127.0.0.1 (default) stays local, 0.0.0.0 exposes the server.")
+    ] = None,
+    port: Annotated[Optional[int], typer.Option("--port", help="Port (default 8000; 0 picks a free one).")] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key",
+            envvar="LORATUNE_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on all routes but /healthz and /readyz (prefer the env var: flags show in ps).",
+        ),
+    ] = None,
+    max_chars: Annotated[Optional[int], typer.Option("--max-chars", help="Longest text accepted, in characters.")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most texts accepted in one request.")] = None,
+    max_wait_ms: Annotated[
+        Optional[float], typer.Option("--max-wait-ms", help="How long a request waits for others to share its forward pass.")
+    ] = None,
+    max_queue: Annotated[
+        Optional[int], typer.Option("--max-queue", help="Most texts waiting for a forward pass; beyond it: 503 with Retry-After.")
+    ] = None,
+    sets: opt.SetOpt = None,
+):
+    """Serve adapters over HTTP (FastAPI): POST /v1/classify, GET /v1/labels, /healthz, /readyz, docs at /docs."""
+    from .serve import parse_adapter_specs, run
+
+    cfg = opt.build_config(
+        config,
+        sets,
+        **{
+            "model.name": model,
+            "predict.mode": mode,
+            "predict.batch_size": batch_size,
+            "serve.host": host,
+            "serve.port": port,
+            "serve.max_chars": max_chars,
+            "serve.max_batch": max_batch,
+            "serve.max_wait_ms": max_wait_ms,
+            "serve.max_queue": max_queue,
+        },
+    )
+    validate(cfg)
+    adapters = parse_adapter_specs(adapter or [str(Path(cfg.train.output_dir) / "final")])
+    quiet_libraries()
+    run(adapters, cfg, base_model=model, api_key=api_key or None)
+
+
+# Tools beside the main flow, declared in cli_tools.py.
 def export(
     adapter: opt.AdapterOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="merged (HF model directory) or gguf (Llama bases: llama.cpp, Ollama).")] = "merged",
@@ -38,8 +99,10 @@ def _benchmarks_run():
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "run.py").is_file():
-        raise LoratuneError("loratune bench runs benchmarks/run.py from a source checkout; none is beside this "
-                            f"installation ({root}): clone the repository and pip install -e . there")
+        raise LoratuneError(
+            "loratune bench runs benchmarks/run.py from a source checkout; none is beside this "
+            f"installation ({root}): clone the repository and pip install -e . there"
+        )
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return importlib.import_module("benchmarks.run")
@@ -47,8 +110,9 @@ def _benchmarks_run():
 
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Smoke run: fewer tickets and sizes (< 2 min on 2 CPU cores).")] = False,
-    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "--out",
-                                                      help="Results directory (default: benchmarks/results).")] = None,
+    output_dir: Annotated[
+        Optional[str], typer.Option("--output-dir", "--out", help="Results directory (default: benchmarks/results).")
+    ] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")] = None,
     json_out: opt.JsonOpt = False,
 ):

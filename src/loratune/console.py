@@ -48,13 +48,29 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         return print_multilabel_summary(report, out_dir)
     abstain = any("in_scope_accuracy" in r for r in report["results"])
     extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
-    table = Table("model", "mode", "accuracy", "macro-F1", "weighted-F1", "invalid", *extra, "examples/s",
-                  title=f"{report['dataset']} ({report['n']} examples)")
+    table = Table(
+        "model",
+        "mode",
+        "accuracy",
+        "macro-F1",
+        "weighted-F1",
+        "invalid",
+        *extra,
+        "examples/s",
+        title=f"{report['dataset']} ({report['n']} examples)",
+    )
     for r in report["results"]:
         cells = [pct(r.get(k)) for k in ("in_scope_accuracy", "oos_recall", "abstain_rate")] if abstain else []
-        table.add_row(r["model"], r["mode"], f"{100 * r['accuracy']:.1f}%", f"{100 * r['macro_f1']:.1f}%",
-                      f"{100 * r['weighted_f1']:.1f}%", f"{100 * r['invalid_rate']:.1f}%", *cells,
-                      f"{r['examples_per_s']:.1f}")
+        table.add_row(
+            r["model"],
+            r["mode"],
+            f"{100 * r['accuracy']:.1f}%",
+            f"{100 * r['macro_f1']:.1f}%",
+            f"{100 * r['weighted_f1']:.1f}%",
+            f"{100 * r['invalid_rate']:.1f}%",
+            *cells,
+            f"{r['examples_per_s']:.1f}",
+        )
     console = Console()
     console.print(table)
     if out_dir is not None:
@@ -69,12 +85,28 @@ def print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("model", "mode", "micro-F1", "macro-F1", "subset acc.", "Hamming", "invalid", "examples/s",
-                  title=f"{report['dataset']} ({report['n']} examples, multi-label)")
+    table = Table(
+        "model",
+        "mode",
+        "micro-F1",
+        "macro-F1",
+        "subset acc.",
+        "Hamming",
+        "invalid",
+        "examples/s",
+        title=f"{report['dataset']} ({report['n']} examples, multi-label)",
+    )
     for r in report["results"]:
-        table.add_row(r["model"], r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
-                      f"{100 * r['micro_f1']:.1f}%", f"{100 * r['macro_f1']:.1f}%", f"{100 * r['subset_accuracy']:.1f}%",
-                      f"{r['hamming_loss']:.3f}", f"{100 * r['invalid_rate']:.1f}%", f"{r['examples_per_s']:.1f}")
+        table.add_row(
+            r["model"],
+            r["mode"] + (f" @{r['threshold']:.2f}" if "threshold" in r else ""),
+            f"{100 * r['micro_f1']:.1f}%",
+            f"{100 * r['macro_f1']:.1f}%",
+            f"{100 * r['subset_accuracy']:.1f}%",
+            f"{r['hamming_loss']:.3f}",
+            f"{100 * r['invalid_rate']:.1f}%",
+            f"{r['examples_per_s']:.1f}",
+        )
     console = Console()
     console.print(table)
     if out_dir is not None:
@@ -99,12 +131,19 @@ def print_calibration(found: dict, path, meta_path, json_out: bool) -> None:
         print(json.dumps({**found, "data": str(path), "written": str(meta_path)}, indent=2))
         return
     if "micro_f1_at_default" in found:  # multi-label threshold
-        print(f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
-              f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}")
+        print(
+            f"threshold {found['threshold']:.2f}: micro-F1 {found['micro_f1']:.4f} on {path} ({found['n']} examples); "
+            f"at 0.50: {found['micro_f1_at_default']:.4f}; was {found['previous_threshold']:.2f}"
+        )
         print(f"written to {meta_path} (override with --threshold)")
         return
-    scope = (f"in-scope accuracy {found['in_scope_accuracy']:.4f}, out-of-scope recall {found['oos_recall']:.4f}"
-             if "in_scope_accuracy" in found else f"macro-F1 {found['macro_f1']:.4f}")
-    print(f"min confidence {found['threshold']:.2f} -> {found['fallback_label']}: {scope}, abstained "
-          f"{found['abstain_rate']:.1%} on {path} ({found['n']} examples)")
+    scope = (
+        f"in-scope accuracy {found['in_scope_accuracy']:.4f}, out-of-scope recall {found['oos_recall']:.4f}"
+        if "in_scope_accuracy" in found
+        else f"macro-F1 {found['macro_f1']:.4f}"
+    )
+    print(
+        f"min confidence {found['threshold']:.2f} -> {found['fallback_label']}: {scope}, abstained "
+        f"{found['abstain_rate']:.1%} on {path} ({found['n']} examples)"
+    )
     print(f"written to {meta_path} (override with --min-confidence)")

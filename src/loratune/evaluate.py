@@ -42,9 +42,7 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(labels)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        gold, pred, labels=labels, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
     columns = labels + [INVALID]
     matrix = confusion_matrix(gold, pred, labels=columns)[: len(labels)]
     n_invalid = sum(p == INVALID for p in pred)
@@ -62,8 +60,9 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
     }
 
 
-def compute_multilabel_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: Sequence[str],
-                               n_invalid: int = 0, n_unknown: int = 0) -> dict:
+def compute_multilabel_metrics(
+    gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]], labels: Sequence[str], n_invalid: int = 0, n_unknown: int = 0
+) -> dict:
     """Micro/macro F1, subset accuracy, Hamming loss, per-label P/R/F1/support and 2x2 matrices (scikit-learn).
 
     ``n_invalid`` outputs with no known label (generate mode) are already empty sets in ``pred``; they and the
@@ -94,8 +93,10 @@ def compute_multilabel_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Seq
         "micro_recall": float(recall_score(y_true, y_pred, average="micro", zero_division=0)),
         "subset_accuracy": float(accuracy_score(y_true, y_pred)),
         "hamming_loss": float(hamming_loss(y_true, y_pred)),
-        "labels_per_example": {"gold": float(y_true.sum(1).mean()) if len(gold) else 0.0,
-                               "pred": float(y_pred.sum(1).mean()) if len(gold) else 0.0},
+        "labels_per_example": {
+            "gold": float(y_true.sum(1).mean()) if len(gold) else 0.0,
+            "pred": float(y_pred.sum(1).mean()) if len(gold) else 0.0,
+        },
         "invalid_rate": n_invalid / max(len(pred), 1),
         "unknown_labels": n_unknown,
         "per_label": {
@@ -107,8 +108,9 @@ def compute_multilabel_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Seq
     }
 
 
-def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | None = None,
-             name: str | None = None, progress=None) -> EvalResult:
+def evaluate(
+    classifier: Classifier, examples: Sequence[Example], mode: str | None = None, name: str | None = None, progress=None
+) -> EvalResult:
     """Predict every example end to end and score the predictions; includes latency and throughput."""
     mode = mode or classifier.mode
     texts = [e.text for e in examples]
@@ -117,25 +119,31 @@ def evaluate(classifier: Classifier, examples: Sequence[Example], mode: str | No
     seconds = time.perf_counter() - start
     if classifier.multi_label:
         metrics = compute_multilabel_metrics(
-            [example_labels(e) for e in examples], [p.labels for p in predictions], classifier.labels,
+            [example_labels(e) for e in examples],
+            [p.labels for p in predictions],
+            classifier.labels,
             n_invalid=sum(p.label == INVALID for p in predictions),
-            n_unknown=sum(len(p.unknown or ()) for p in predictions))
+            n_unknown=sum(len(p.unknown or ()) for p in predictions),
+        )
         if mode == "score":
             metrics.update(threshold=classifier.threshold, allow_empty=classifier.settings.allow_empty)
     else:
         gold, pred = [e.label for e in examples], [p.label for p in predictions]
         metrics = compute_metrics(gold, pred, classifier.labels)
         if classifier.settings.fallback_label:
-            metrics.update(abstain_metrics(gold, pred, classifier.settings.fallback_label),
-                           min_confidence=classifier.settings.min_confidence)
-    metrics.update({
-        "seconds": seconds,
-        "ms_per_example": 1000 * seconds / max(len(texts), 1),
-        "examples_per_s": len(texts) / seconds if seconds > 0 else float("inf"),
-        "cut_texts": sum(p.cut > 0 for p in predictions),
-        "batch_size": classifier.batch_size,
-        "device": str(classifier.device),
-    })
+            metrics.update(
+                abstain_metrics(gold, pred, classifier.settings.fallback_label), min_confidence=classifier.settings.min_confidence
+            )
+    metrics.update(
+        {
+            "seconds": seconds,
+            "ms_per_example": 1000 * seconds / max(len(texts), 1),
+            "examples_per_s": len(texts) / seconds if seconds > 0 else float("inf"),
+            "cut_texts": sum(p.cut > 0 for p in predictions),
+            "batch_size": classifier.batch_size,
+            "device": str(classifier.device),
+        }
+    )
     return EvalResult(name or classifier.name, mode, metrics, predictions)
 
 
@@ -144,15 +152,15 @@ def disagreements(examples: Sequence[Example], a: EvalResult, b: EvalResult, lim
     rows = []
     for ex, pa, pb in zip(examples, a.predictions, b.predictions):
         if pa.label != pb.label:
-            rows.append({"text": ex.text, "gold": ex.label,
-                         a.name: {"label": pa.label, "raw": pa.raw}, b.name: {"label": pb.label, "raw": pb.raw}})
+            rows.append(
+                {"text": ex.text, "gold": ex.label, a.name: {"label": pa.label, "raw": pa.raw}, b.name: {"label": pb.label, "raw": pb.raw}}
+            )
             if len(rows) >= limit:
                 break
     return rows
 
 
-def build_report(results: Sequence[EvalResult], examples: Sequence[Example], dataset: str,
-                 labels: Sequence[str]) -> dict:
+def build_report(results: Sequence[EvalResult], examples: Sequence[Example], dataset: str, labels: Sequence[str]) -> dict:
     report = {
         "dataset": dataset,
         "n": len(examples),
@@ -179,28 +187,35 @@ def _fmt(x: float, pct: bool = True) -> str:
 def report_markdown(report: dict) -> str:
     if report.get("multi_label"):
         return multilabel_report_markdown(report)
-    lines = [f"# loratune report: {report['dataset']} ({report['n']} examples)", "",
-             "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | in-scope acc. | oos recall | abstained "
-             "| ms/example | examples/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# loratune report: {report['dataset']} ({report['n']} examples)",
+        "",
+        "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | in-scope acc. | oos recall | abstained | ms/example | examples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         scope = " | ".join(_fmt(r[k]) if k in r else "-" for k in ("in_scope_accuracy", "oos_recall", "abstain_rate"))
-        lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
-                     f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {scope} | {r['ms_per_example']:.1f} | "
-                     f"{r['examples_per_s']:.1f} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
+            f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {scope} | {r['ms_per_example']:.1f} | "
+            f"{r['examples_per_s']:.1f} |"
+        )
     lines += ["", "Accuracy counts end-to-end predictions only; `invalid` is generated text that matches no label.", ""]
     for r in report["results"]:
-        lines += [f"## {r['model']} ({r['mode']})", "", "| label | precision | recall | F1 | support |",
-                  "|---|---|---|---|---|"]
+        lines += [f"## {r['model']} ({r['mode']})", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for label, m in r["per_label"].items():
             lines.append(f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} |")
         cm = r["confusion_matrix"]
         if len(cm["columns"]) > MAX_TABLE_LABELS:
             lines += ["", f"Confusion matrix: see report.json ({len(cm['columns'])} columns).", ""]
             continue
-        lines += ["", "Confusion matrix (rows: true label, columns: predicted):", "",
-                  "| true \\ pred | " + " | ".join(cm["columns"]) + " |",
-                  "|---" * (len(cm["columns"]) + 1) + "|"]
+        lines += [
+            "",
+            "Confusion matrix (rows: true label, columns: predicted):",
+            "",
+            "| true \\ pred | " + " | ".join(cm["columns"]) + " |",
+            "|---" * (len(cm["columns"]) + 1) + "|",
+        ]
         for row_label, row in zip(cm["rows"], cm["values"]):
             lines.append(f"| {row_label} | " + " | ".join(str(v) for v in row) + " |")
         lines.append("")
@@ -209,25 +224,39 @@ def report_markdown(report: dict) -> str:
 
 
 def multilabel_report_markdown(report: dict) -> str:
-    lines = [f"# loratune report: {report['dataset']} ({report['n']} examples, multi-label)", "",
-             "| model | mode | micro-F1 | macro-F1 | subset accuracy | Hamming loss | labels/example | invalid | "
-             "unknown labels | ms/example | examples/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# loratune report: {report['dataset']} ({report['n']} examples, multi-label)",
+        "",
+        "| model | mode | micro-F1 | macro-F1 | subset accuracy | Hamming loss | labels/example | invalid | "
+        "unknown labels | ms/example | examples/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         per = r["labels_per_example"]
-        lines.append(f"| {r['model']} | {r['mode']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])} | "
-                     f"{_fmt(r['subset_accuracy'])} | {r['hamming_loss']:.3f} | {per['pred']:.2f} (gold {per['gold']:.2f}) | "
-                     f"{_fmt(r['invalid_rate'])} | {r['unknown_labels']} | {r['ms_per_example']:.1f} | {r['examples_per_s']:.1f} |")
-    lines += ["", "End-to-end predictions only. Subset accuracy: the whole label set right. Hamming loss: share of "
-              "wrong yes/no label decisions. `invalid`: generated text with no known label; `unknown labels`: "
-              "pieces of generated lists that matched no label (dropped).", ""]
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {_fmt(r['micro_f1'])} | {_fmt(r['macro_f1'])} | "
+            f"{_fmt(r['subset_accuracy'])} | {r['hamming_loss']:.3f} | {per['pred']:.2f} (gold {per['gold']:.2f}) | "
+            f"{_fmt(r['invalid_rate'])} | {r['unknown_labels']} | {r['ms_per_example']:.1f} | {r['examples_per_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "End-to-end predictions only. Subset accuracy: the whole label set right. Hamming loss: share of "
+        "wrong yes/no label decisions. `invalid`: generated text with no known label; `unknown labels`: "
+        "pieces of generated lists that matched no label (dropped).",
+        "",
+    ]
     for r in report["results"]:
         threshold = f", threshold {r['threshold']:.2f}" if "threshold" in r else ""
-        lines += [f"## {r['model']} ({r['mode']}{threshold})", "",
-                  "| label | precision | recall | F1 | support | TP | FP | FN | TN |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {r['model']} ({r['mode']}{threshold})",
+            "",
+            "| label | precision | recall | F1 | support | TP | FP | FN | TN |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for (label, m), ((tn, fp), (fn, tp)) in zip(r["per_label"].items(), r["confusion_matrix"]["values"]):
-            lines.append(f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} | "
-                         f"{tp} | {fp} | {fn} | {tn} |")
+            lines.append(
+                f"| {label} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | {m['support']} | {tp} | {fp} | {fn} | {tn} |"
+            )
         lines.append("")
     lines += _disagreement_lines(report)
     return "\n".join(lines)
@@ -333,8 +362,8 @@ def write_report(report: dict, out_dir: str | Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Abstain (single-label): low-confidence predictions become a fallback label such as CLINC150's ``oos``.
 
-def apply_abstain(labels_pred: Sequence[str], confidences: Sequence[float], min_confidence: float,
-                  fallback_label: str) -> list[str]:
+
+def apply_abstain(labels_pred: Sequence[str], confidences: Sequence[float], min_confidence: float, fallback_label: str) -> list[str]:
     """Replace every prediction whose confidence is below ``min_confidence`` by ``fallback_label``."""
     return [fallback_label if c < min_confidence else p for p, c in zip(labels_pred, confidences)]
 
@@ -347,10 +376,12 @@ def abstain_metrics(gold: Sequence[str], pred: Sequence[str], fallback_label: st
     metrics = {"fallback_label": fallback_label, "abstain_rate": float((pred == fallback_label).mean()) if len(pred) else 0.0}
     out = gold == fallback_label
     if out.any():
-        metrics.update({
-            "n_in_scope": int((~out).sum()),
-            "n_out_of_scope": int(out.sum()),
-            "in_scope_accuracy": float((pred[~out] == gold[~out]).mean()) if (~out).any() else 0.0,
-            "oos_recall": float((pred[out] == fallback_label).mean()),
-        })
+        metrics.update(
+            {
+                "n_in_scope": int((~out).sum()),
+                "n_out_of_scope": int(out.sum()),
+                "in_scope_accuracy": float((pred[~out] == gold[~out]).mean()) if (~out).any() else 0.0,
+                "oos_recall": float((pred[out] == fallback_label).mean()),
+            }
+        )
     return metrics

@@ -27,23 +27,52 @@ TINY_WARNING = (
 
 # flan-t5-small's architecture, for parameter counts and speed benchmarks (weights do not change either).
 FLAN_T5_SMALL = dict(
-    vocab_size=32128, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6,
-    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
-    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+    vocab_size=32128,
+    d_model=512,
+    d_kv=64,
+    d_ff=1024,
+    num_layers=8,
+    num_decoder_layers=8,
+    num_heads=6,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    dropout_rate=0.1,
+    layer_norm_epsilon=1e-6,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
     eos_token_id=1,
 )
 TINY_T5 = dict(
-    d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-    relative_attention_num_buckets=16, relative_attention_max_distance=64, dropout_rate=0.0,
-    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0,
+    d_model=64,
+    d_kv=16,
+    d_ff=128,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=16,
+    relative_attention_max_distance=64,
+    dropout_rate=0.0,
+    layer_norm_epsilon=1e-6,
+    feed_forward_proj="gated-gelu",
+    decoder_start_token_id=0,
+    pad_token_id=0,
     eos_token_id=1,
 )
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 # Llama-shaped decoder-only model. Its tokenizer has no pad token (like Llama's and GPT-2's), so the code
 # that sets one is exercised, and a small chat template, so ``prompt.chat_template: auto`` uses it.
 TINY_LLAMA = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
     initializer_range=0.125,
 )
 CAUSAL_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -53,16 +82,22 @@ TINY_CHAT_TEMPLATE = (
 )
 # BERT-shaped encoder, saved as a bare ``BertModel`` like sentence-transformers checkpoints (MiniLM).
 TINY_BERT = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-    type_vocab_size=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0, initializer_range=0.125,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    pad_token_id=0,
+    initializer_range=0.125,
 )
 ENCODER_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("LORATUNE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loratune"
-    )
+    root = os.environ.get("LORATUNE_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "loratune")
     return Path(root)
 
 
@@ -106,8 +141,7 @@ def build_tiny_t5(out_dir: str | Path, corpus: Iterable[str], seed: int = 0, **c
     return out_dir
 
 
-def _train_bpe(corpus: Iterable[str], special_tokens: list[str], template: str, vocab_size: int = 2000,
-               add_prefix_space: bool = False):
+def _train_bpe(corpus: Iterable[str], special_tokens: list[str], template: str, vocab_size: int = 2000, add_prefix_space: bool = False):
     """A byte-level BPE trained on ``corpus``; ``template`` places the special tokens around one sequence."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -115,7 +149,9 @@ def _train_bpe(corpus: Iterable[str], special_tokens: list[str], template: str, 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
@@ -153,8 +189,9 @@ def build_tiny_encoder(out_dir: str | Path, corpus: Iterable[str], seed: int = 0
 
     out_dir = Path(out_dir)
     raw = _train_bpe(corpus, ENCODER_SPECIAL_TOKENS, "[CLS] $A [SEP]")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
-                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
     torch.manual_seed(seed)
     config = BertConfig(**{**TINY_BERT, **config_overrides, "vocab_size": len(tokenizer)})
     BertModel(config).save_pretrained(out_dir)
@@ -169,8 +206,9 @@ def tokenizer_corpus(texts: Iterable[str], labels: Iterable[str] = DEFAULT_LABEL
     return [format_example("", labels), *labels, *texts]
 
 
-def tiny_model(texts: Iterable[str] = (), labels: Iterable[str] = DEFAULT_LABELS,
-               cache_dir: str | Path | None = None, family: str = "seq2seq") -> Path:
+def tiny_model(
+    texts: Iterable[str] = (), labels: Iterable[str] = DEFAULT_LABELS, cache_dir: str | Path | None = None, family: str = "seq2seq"
+) -> Path:
     """Build (once, cached by content) the tiny random model of ``family`` (``--model tiny``, ``tiny-causal``,
     ``tiny-encoder``) and return its directory."""
     build, shape, prefix = {

@@ -44,8 +44,7 @@ def inspect_dataset(cfg: Config, n_examples: int = 3) -> dict:
         return report
     spec = family.spec
     targets = [spec.target(e.label) for e in examples]
-    report["examples"] = [{"prompt": spec.render(e.text, family.tokenizer), "target": t}
-                          for e, t in zip(examples[:n_examples], targets)]
+    report["examples"] = [{"prompt": spec.render(e.text, family.tokenizer), "target": t} for e, t in zip(examples[:n_examples], targets)]
     fixed = spec.fixed_length(family.tokenizer, add_special)
     try:
         fed = family.prompt_ids([e.text for e in examples])
@@ -79,9 +78,16 @@ def _reader(cfg: Config, splits):
     family_cls = family_class(detect_family(config, cfg.model.family))
     tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, local_files_only=local_only)
     spec = family_cls.make_spec(
-        tokenizer, splits.labels, chat_template=cfg.prompt.chat_template, input_only=cfg.data.input_only,
-        task=cfg.prompt.task, input_name=cfg.prompt.input_name, multi_label=splits.multi_label,
-        max_length=resolve_max_length(cfg.data.max_length, config), max_target_length=cfg.data.max_target_length)
+        tokenizer,
+        splits.labels,
+        chat_template=cfg.prompt.chat_template,
+        input_only=cfg.data.input_only,
+        task=cfg.prompt.task,
+        input_name=cfg.prompt.input_name,
+        multi_label=splits.multi_label,
+        max_length=resolve_max_length(cfg.data.max_length, config),
+        max_target_length=cfg.data.max_target_length,
+    )
     family = family_cls(None, tokenizer, spec)
     return family, not spec.chat_template
 
@@ -100,17 +106,17 @@ def render(report: dict) -> None:
     tokens = report.get("tokens")
     if tokens:
         t = Table("tokens (" + report["model"] + ")", *[k for k in tokens["prompt"]], "limit", "truncated")
-        t.add_row("prompt as fed", *map(str, tokens["prompt"].values()), str(tokens["max_length"]),
-                  str(tokens["truncated_prompts"]))
-        t.add_row("target", *map(str, tokens["target"].values()), str(tokens["max_target_length"]),
-                  str(tokens["truncated_targets"]))
+        t.add_row("prompt as fed", *map(str, tokens["prompt"].values()), str(tokens["max_length"]), str(tokens["truncated_prompts"]))
+        t.add_row("target", *map(str, tokens["target"].values()), str(tokens["max_target_length"]), str(tokens["truncated_targets"]))
         console.print(t)
-        console.print(f"every prompt carries {tokens['fixed_prompt_tokens']} fixed tokens (instruction, labels, cue)"
-                      if not tokens["input_only"] else "the model reads the text alone (its head carries the labels)",
-                      highlight=False)
+        console.print(
+            f"every prompt carries {tokens['fixed_prompt_tokens']} fixed tokens (instruction, labels, cue)"
+            if not tokens["input_only"]
+            else "the model reads the text alone (its head carries the labels)",
+            highlight=False,
+        )
         if tokens["truncated_prompts"]:
-            console.print(f"{tokens['truncated_prompts']} texts are cut in the middle to fit; nothing else is cut",
-                          highlight=False)
+            console.print(f"{tokens['truncated_prompts']} texts are cut in the middle to fit; nothing else is cut", highlight=False)
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     for i, ex in enumerate(report["examples"], 1):

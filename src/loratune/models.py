@@ -26,12 +26,8 @@ from .prompt import DEFAULT_MAX_LENGTH
 log = logging.getLogger(__name__)
 
 
-
 def _offline() -> bool:
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -74,8 +70,9 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         if not path.exists():
-            raise LoratuneError(f"{name} does not exist: pass a model directory saved by save_pretrained, "
-                                f"an adapter directory, or a hub id")
+            raise LoratuneError(
+                f"{name} does not exist: pass a model directory saved by save_pretrained, an adapter directory, or a hub id"
+            )
         if not (path / "config.json").is_file():
             hint = f"; did you mean {path / 'model'}?" if (path / "model" / "config.json").is_file() else ""
             raise LoratuneError(f"model directory {name} has no config.json (save it with save_pretrained){hint}")
@@ -99,9 +96,23 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
 
 def config_fingerprint(config) -> str:
     """A hash of the architecture-defining config values, to tell whether an adapter fits a base model."""
-    keep = {k: v for k, v in config.to_dict().items()
-            if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
-                         "use_cache", "task_specific_params", "id2label", "label2id", "_commit_hash")}
+    keep = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k
+        not in (
+            "_name_or_path",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+            "architectures",
+            "use_cache",
+            "task_specific_params",
+            "id2label",
+            "label2id",
+            "_commit_hash",
+        )
+    }
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -114,8 +125,9 @@ class LoadedModel:
     config_fingerprint: str
 
 
-def load_base(name: str, *, revision: str | None = None, family: str = "auto",
-              trust_remote_code: bool = False, dtype=None, labels=None) -> LoadedModel:
+def load_base(
+    name: str, *, revision: str | None = None, family: str = "auto", trust_remote_code: bool = False, dtype=None, labels=None
+) -> LoadedModel:
     """Load the base model and tokenizer by hub id or local path, as its family does (see ``families/``).
 
     Encoders get a new classification head with one output per label in ``labels``.
@@ -151,8 +163,9 @@ def resolve_max_length(requested: int | None, config) -> int:
     if requested is None:
         return limit or DEFAULT_MAX_LENGTH
     if limit is not None and requested > limit:
-        raise LoratuneError(f"data.max_length={requested} is more than this model's limit of {limit} tokens "
-                            f"(its position table); use at most {limit}")
+        raise LoratuneError(
+            f"data.max_length={requested} is more than this model's limit of {limit} tokens (its position table); use at most {limit}"
+        )
     return requested
 
 
@@ -165,8 +178,7 @@ def use_fused_gelu(model) -> None:
     """
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
-             if type(child) is NewGELUActivation]
+    swaps = [(parent, name) for parent in model.modules() for name, child in parent.named_children() if type(child) is NewGELUActivation]
     for parent, name in swaps:
         setattr(parent, name, GELUTanh())
 
@@ -185,10 +197,14 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     # target_modules=None lets PEFT pick its per-architecture default (T5: q, v; Llama: q_proj, v_proj;
     # GPT-2: c_attn; BERT: query, value). SEQ_CLS also puts the new head in modules_to_save, so it is
     # trained in full and saved with the adapter.
-    config = LoraConfig(task_type=family_class(family).peft_task_type, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=list(target_modules) if target_modules else None)
+    config = LoraConfig(
+        task_type=family_class(family).peft_task_type,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules) if target_modules else None,
+    )
     try:
         return get_peft_model(model, config)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise LoratuneError(f"lora.target_modules={','.join(target_modules or [])}: {str(exc).splitlines()[0][:200]}") from None
-

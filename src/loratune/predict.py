@@ -46,8 +46,18 @@ from .prompt import LABEL_SEPARATOR, MAX_SCORED_LABELS, PromptSpec, format_targe
 INVALID = "invalid"
 DEFAULT_THRESHOLD = 0.5
 
-__all__ = ["DEFAULT_THRESHOLD", "GENERATE_NOT_FOR_ENCODERS", "INVALID", "MAX_SCORED_LABELS", "MULTI_LABEL_SEQ2SEQ_ONLY",
-           "Classifier", "Prediction", "classifier_from_config", "decide_labels", "label_sets"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "GENERATE_NOT_FOR_ENCODERS",
+    "INVALID",
+    "MAX_SCORED_LABELS",
+    "MULTI_LABEL_SEQ2SEQ_ONLY",
+    "Classifier",
+    "Prediction",
+    "classifier_from_config",
+    "decide_labels",
+    "label_sets",
+]
 
 
 @dataclass
@@ -108,8 +118,9 @@ class Classifier:
     >>> clf.predict("I was charged twice")[0].label
     """
 
-    def __init__(self, family: Family, settings: PredictConfig | None = None, *, meta: AdapterMeta | None = None,
-                 name: str = "", **overrides):
+    def __init__(
+        self, family: Family, settings: PredictConfig | None = None, *, meta: AdapterMeta | None = None, name: str = "", **overrides
+    ):
         """``settings`` (mode, batch_size, threshold, ...; ``overrides`` replace single fields); ``meta``: the
         adapter's metadata, whose calibrated threshold / abstain settings apply unless ``settings`` set them."""
         settings = dataclasses.replace(settings or PredictConfig(), **overrides)
@@ -118,15 +129,18 @@ class Classifier:
                 settings,
                 threshold=settings.threshold if settings.threshold is not None else meta.threshold,
                 min_confidence=settings.min_confidence if settings.min_confidence is not None else meta.min_confidence,
-                fallback_label=settings.fallback_label or meta.fallback_label)
+                fallback_label=settings.fallback_label or meta.fallback_label,
+            )
         if settings.mode not in ("score", "generate"):
             raise LoratuneError(f"--mode must be score or generate, got {settings.mode!r}")
         family.check(settings.mode)
         self.family, self.settings, self.meta, self.name = family, settings, meta, name
         self._normalized = {normalize_label(label): label for label in self.labels}
         if settings.fallback_label is not None and settings.fallback_label not in self.labels:
-            raise LoratuneError(f"--fallback-label {settings.fallback_label!r} is not one of the labels "
-                                f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})")
+            raise LoratuneError(
+                f"--fallback-label {settings.fallback_label!r} is not one of the labels "
+                f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})"
+            )
 
     # -- what it is --------------------------------------------------------------------------------------
     @property
@@ -179,8 +193,16 @@ class Classifier:
         chat_template, max_length, input_only and revision; ``base_model`` loads an adapter onto another copy of
         its base. For an adapter the prompt comes from its metadata and must not disagree with it.
         """
-        where = {"labels": "data", "multi_label": "data", "max_length": "data", "input_only": "data",
-                 "task": "prompt", "input_name": "prompt", "chat_template": "prompt", "revision": "model"}
+        where = {
+            "labels": "data",
+            "multi_label": "data",
+            "max_length": "data",
+            "input_only": "data",
+            "task": "prompt",
+            "input_name": "prompt",
+            "chat_template": "prompt",
+            "revision": "model",
+        }
         cfg, base_model = Config(), options.pop("base_model", None)
         for key, value in options.items():
             section = where.get(key, "predict")
@@ -230,14 +252,14 @@ class Classifier:
             out = []
             for row, picks in zip(probs, chosen):
                 labels = [label for label, pick in zip(self.labels, picks) if pick]
-                out.append(Prediction(format_target(labels, self.labels),
-                                      {label: float(p) for label, p in zip(self.labels, row)}, labels=labels))
+                out.append(
+                    Prediction(format_target(labels, self.labels), {label: float(p) for label, p in zip(self.labels, row)}, labels=labels)
+                )
             return out
         out = []
         for raw in self.family.generate(texts, self.batch_size, self.settings.max_new_tokens, progress):
             labels, unknown = self.parse_labels(raw)
-            out.append(Prediction(format_target(labels, self.labels) if labels else INVALID, None, raw,
-                                  labels=labels, unknown=unknown))
+            out.append(Prediction(format_target(labels, self.labels) if labels else INVALID, None, raw, labels=labels, unknown=unknown))
         return out
 
     def _to_label(self, raw: str) -> str:
@@ -275,8 +297,10 @@ class Classifier:
 # --------------------------------------------------------------------------------------------------
 # The one way from a configuration to a classifier (CLI, server, compare, demo).
 
-def classifier_from_config(cfg: Config, adapter: str | Path | None = None, *, base_override: str | None = None,
-                           device: str | None = None, base_only: bool = False) -> Classifier:
+
+def classifier_from_config(
+    cfg: Config, adapter: str | Path | None = None, *, base_override: str | None = None, device: str | None = None, base_only: bool = False
+) -> Classifier:
     """A Classifier for ``adapter`` (its base from its metadata unless ``base_override``), or for ``cfg.model.name``.
 
     ``base_only``: the adapter's base model prompted alone, reading exactly the adapter's prompt spec (what
@@ -289,8 +313,7 @@ def classifier_from_config(cfg: Config, adapter: str | Path | None = None, *, ba
     meta = AdapterMeta.read(adapter)
     _check_flags_match(cfg, meta, adapter)
     if base_only:
-        base = load_base(base_override or meta.base_model, revision=meta.base_revision, family=meta.family,
-                         dtype=dtype, labels=meta.labels)
+        base = load_base(base_override or meta.base_model, revision=meta.base_revision, family=meta.family, dtype=dtype, labels=meta.labels)
         family = family_class(meta.family)(base.model.to(dev).eval(), base.tokenizer, meta.spec)
         return Classifier(family, cfg.predict, name=f"{base_override or meta.base_model}")
     loaded, meta = load_adapter(adapter, base_model=base_override, dtype=dtype)
@@ -306,9 +329,11 @@ def classifier_from_config(cfg: Config, adapter: str | Path | None = None, *, ba
 
 def _check_flags_match(cfg: Config, meta: AdapterMeta, adapter) -> None:
     if cfg.data.labels and [normalize_label(x) for x in cfg.data.labels] != meta.labels:
-        raise LoratuneError(f"adapter {adapter} was trained on labels {', '.join(meta.labels[:10])}"
-                            f"{', ...' if len(meta.labels) > 10 else ''}; --labels {', '.join(cfg.data.labels[:10])} "
-                            f"does not match (drop --labels: an adapter knows its labels)")
+        raise LoratuneError(
+            f"adapter {adapter} was trained on labels {', '.join(meta.labels[:10])}"
+            f"{', ...' if len(meta.labels) > 10 else ''}; --labels {', '.join(cfg.data.labels[:10])} "
+            f"does not match (drop --labels: an adapter knows its labels)"
+        )
     if cfg.data.multi_label is not None and cfg.data.multi_label != meta.multi_label:
         kind = "multi-label" if meta.multi_label else "single-label"
         raise LoratuneError(f"adapter {adapter} is {kind}; --multi-label does not match")
@@ -318,13 +343,20 @@ def _base_classifier(cfg: Config, dev, dtype) -> Classifier:
     labels = [normalize_label(x) for x in cfg.data.labels or ()]
     name = resolve_model_name(cfg.model.name, labels=labels or None)  # a missing model is the first thing to say
     if not labels:
-        raise LoratuneError("a base model prompted alone needs the label set: pass --labels a,b,c "
-                            "(or --adapter DIR, which knows its labels)")
+        raise LoratuneError(
+            "a base model prompted alone needs the label set: pass --labels a,b,c (or --adapter DIR, which knows its labels)"
+        )
     base = load_base(name, revision=cfg.model.revision, family=cfg.model.family, dtype=dtype, labels=labels)
     family_cls = family_class(base.family)
     spec = family_cls.make_spec(
-        base.tokenizer, labels, chat_template=cfg.prompt.chat_template, input_only=cfg.data.input_only,
-        task=cfg.prompt.task, input_name=cfg.prompt.input_name, multi_label=bool(cfg.data.multi_label),
+        base.tokenizer,
+        labels,
+        chat_template=cfg.prompt.chat_template,
+        input_only=cfg.data.input_only,
+        task=cfg.prompt.task,
+        input_name=cfg.prompt.input_name,
+        multi_label=bool(cfg.data.multi_label),
         max_length=resolve_max_length(cfg.data.max_length, base.model.config),
-        max_target_length=cfg.data.max_target_length)
+        max_target_length=cfg.data.max_target_length,
+    )
     return Classifier(family_cls(base.model.to(dev).eval(), base.tokenizer, spec), cfg.predict, name=cfg.model.name)

@@ -49,10 +49,7 @@ def format_example(
         raise ValueError("format_example needs at least one label")
     label_lines = "\n".join(f"- {label}" for label in labels)
     if multi_label:
-        ask = (
-            f"Given a {input_name}, output all of the following labels that apply, "
-            f"comma-separated, in the order listed:"
-        )
+        ask = f"Given a {input_name}, output all of the following labels that apply, comma-separated, in the order listed:"
         only = "Output ONLY the labels."
     else:
         ask = f"Given a {input_name}, output exactly one of the following labels:"
@@ -128,8 +125,7 @@ class PromptSpec:
         """The whole string the model reads: the prompt in its chat template (needs ``tokenizer``), or + cue."""
         prompt = self.format(text)
         if self.chat_template:
-            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         return prompt + self.answer_cue
 
     def target(self, label: str | Sequence[str]) -> str:
@@ -160,8 +156,7 @@ class PromptSpec:
         long_rows = [i for i, x in enumerate(ids) if len(x) > self.max_length]
         if long_rows:
             marker = tokenizer(CUT_MARKER, add_special_tokens=False)["input_ids"]
-            enc = tokenizer([rendered[i] for i in long_rows], add_special_tokens=add_special_tokens,
-                            return_offsets_mapping=True)
+            enc = tokenizer([rendered[i] for i in long_rows], add_special_tokens=add_special_tokens, return_offsets_mapping=True)
             for row, i in enumerate(long_rows):
                 start, end = self._text_span(rendered[i], texts[i], tokenizer)
                 ids[i], cut[i] = self._cut(enc["input_ids"][row], enc["offset_mapping"][row], start, end, marker)
@@ -186,7 +181,7 @@ class PromptSpec:
         first, last = inside[0], inside[-1]
         head = room - room // 2
         text_ids = ids[first : last + 1]
-        kept = text_ids[:head] + marker + text_ids[len(text_ids) - (room - head):]
+        kept = text_ids[:head] + marker + text_ids[len(text_ids) - (room - head) :]
         return ids[:first] + kept + ids[last + 1 :], len(text_ids) - room
 
     def too_long(self, fixed: int) -> LoratuneError:

@@ -102,7 +102,7 @@ class T5LabelScorer:
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         config = model.config
-        self.scale = config.d_model ** -0.5 if getattr(config, "scale_decoder_outputs", False) else None
+        self.scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
         self.trie = build_label_trie(label_ids, config.decoder_start_token_id).to(next(model.parameters()).device)
 
     @property
@@ -113,9 +113,12 @@ class T5LabelScorer:
         """(1, H, N, N): T5's relative position bias between node depths (as if each label were read alone)."""
         attn = self.decoder.block[0].layer[0].SelfAttention
         relative = self.trie.depth[None, :] - self.trie.depth[:, None]  # key depth - query depth, as T5 counts
-        buckets = attn._relative_position_bucket(relative, bidirectional=False,
-                                                 num_buckets=attn.relative_attention_num_buckets,
-                                                 max_distance=attn.relative_attention_max_distance)
+        buckets = attn._relative_position_bucket(
+            relative,
+            bidirectional=False,
+            num_buckets=attn.relative_attention_num_buckets,
+            max_distance=attn.relative_attention_max_distance,
+        )
         return attn.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0).to(dtype)
 
     @torch.inference_mode()
@@ -127,7 +130,7 @@ class T5LabelScorer:
         self_bias = self._self_attention_bias(dtype)
         tree_mask = torch.zeros(self.trie.visible.shape, dtype=dtype, device=encoded.device)
         tree_mask = tree_mask.masked_fill(~self.trie.visible, torch.finfo(dtype).min)[None, None]
-        cross_mask = ((1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min)
+        cross_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
         # Cross-attention has no position bias; passing zeros stops every layer from allocating its own.
         cross_bias = torch.zeros(1, n_heads, 1, 1, dtype=dtype, device=encoded.device)
 

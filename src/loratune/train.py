@@ -82,8 +82,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         cfg = copy.deepcopy(cfg)  # detected from the data: the saved config must say so too
         cfg.data.multi_label = True
     if splits.multi_label and len(splits.labels) > MAX_SCORED_LABELS:
-        raise LoratuneError(f"multi-label training picks the best adapter by scoring every label set, which allows "
-                            f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})")
+        raise LoratuneError(
+            f"multi-label training picks the best adapter by scoring every label set, which allows "
+            f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})"
+        )
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
     set_seed(cfg.train.seed)
@@ -94,14 +96,18 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     # 1. Model: base weights frozen, LoRA on the attention projections (encoders: plus a new, fully trained
     #    classification head). The family decides how the model reads the prompt spec.
     model_name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
-    base = load_base(model_name, revision=cfg.model.revision, family=cfg.model.family,
-                     trust_remote_code=cfg.model.trust_remote_code, labels=splits.labels)
+    base = load_base(
+        model_name,
+        revision=cfg.model.revision,
+        family=cfg.model.family,
+        trust_remote_code=cfg.model.trust_remote_code,
+        labels=splits.labels,
+    )
     family_cls = family_class(base.family)
     if splits.multi_label and not family_cls.supports_multi_label:
         raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
     spec = _prompt_spec(cfg, splits, family_cls, base)
-    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
-                        cfg.lora.target_modules)
+    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     if cfg.train.gradient_checkpointing:
         # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
         # and backward fails with "element 0 of tensors does not require grad".
@@ -113,9 +119,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     device = pick_device()
     precision = _precision(cfg.train.precision, device)
     say(f"device: {device.type}  precision: {precision}  world size: {os.environ.get('WORLD_SIZE', '1')}")
-    say(f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}"
+    say(
+        f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}"
         + (f"  trained in full: {', '.join(saved_modules)}" if saved_modules else "")
-        + ("  chat template: on" if spec.chat_template else "") + ("  input: text alone" if spec.input_only else ""))
+        + ("  chat template: on" if spec.chat_template else "")
+        + ("  input: text alone" if spec.input_only else "")
+    )
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 
     # 2. Data: prompts from the spec, tokenized once; padding happens per batch in the collator.
@@ -125,12 +134,17 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         val_gold = torch.tensor([[label in example_labels(e) for label in splits.labels] for e in splits.val])
     else:
         val_gold = np.array([splits.labels.index(e.label) for e in splits.val])
-    say(f"data: {len(splits.train)} train / {len(splits.val)} val examples, {len(splits.labels)} labels"
-        + (" (val split from train)" if splits.val_is_split else "") + (", multi-label" if splits.multi_label else "")
-        + f"; max_length {spec.max_length} tokens")
+    say(
+        f"data: {len(splits.train)} train / {len(splits.val)} val examples, {len(splits.labels)} labels"
+        + (" (val split from train)" if splits.val_is_split else "")
+        + (", multi-label" if splits.multi_label else "")
+        + f"; max_length {spec.max_length} tokens"
+    )
     if train_enc.n_truncated or val_enc.n_truncated:
-        say(f"note: {train_enc.n_truncated} train / {val_enc.n_truncated} val texts were longer than "
-            f"max_length={spec.max_length} and had their middle cut (instruction and labels are never cut)")
+        say(
+            f"note: {train_enc.n_truncated} train / {val_enc.n_truncated} val texts were longer than "
+            f"max_length={spec.max_length} and had their middle cut (instruction and labels are never cut)"
+        )
     for warning in splits.warnings:
         say(f"warning: {warning}")
 
@@ -144,9 +158,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
     validator = Classifier(family, cfg.predict, mode="score", name="validation")
     trainer = ClassifierTrainer(
-        model=model, args=args, train_dataset=train_enc.features, eval_dataset=val_enc.features,
+        model=model,
+        args=args,
+        train_dataset=train_enc.features,
+        eval_dataset=val_enc.features,
         data_collator=family.collator(pad_to_multiple_of=8 if device.type == "cuda" else None),
-        processing_class=base.tokenizer, callbacks=callbacks,
+        processing_class=base.tokenizer,
+        callbacks=callbacks,
         validation=(validator, [e.text for e in splits.val], val_gold),
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
@@ -159,19 +177,24 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     # On resume the Trainer rebuilds stateful callbacks from the checkpoint: use the live instance.
     best = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, BestAdapter))
     if stop.requested:
-        say(f"interrupted at step {trainer.state.global_step}: checkpoint saved in {ckpt_dir}; "
-            f"continue with --resume (same command)")
+        say(f"interrupted at step {trainer.state.global_step}: checkpoint saved in {ckpt_dir}; continue with --resume (same command)")
         return TrainResult(out / FINAL, {}, interrupted=True)
     if best.step != trainer.state.global_step:
         trainer.evaluate()  # the last steps were never evaluated (e.g. --max-steps inside an epoch)
 
     # 4. Output: the best adapter + tokenizer + metadata, swapped in atomically.
     metrics = {
-        f"best_val_{best.metric}": best.value, "best_step": best.step, "val_loss": best.loss,
-        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0.0, 3),
-        "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+        f"best_val_{best.metric}": best.value,
+        "best_step": best.step,
+        "val_loss": best.loss,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
-        "trainable_params": trainable, "total_params": total, "truncated_prompts": train_enc.n_truncated,
+        "trainable_params": trainable,
+        "total_params": total,
+        "truncated_prompts": train_enc.n_truncated,
         "truncated_val_prompts": val_enc.n_truncated,
         "loss_history": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
@@ -181,13 +204,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         with disk_full_as_error(final, lambda: space_needed(ckpt_dir, model), lambda: True):
             _write_final(ckpt_dir / BEST, final, meta, base.tokenizer)
         discard_checkpoints(out, ckpt_dir)  # a finished run has nothing left to resume
-    say(f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
-        f"{metrics['train_samples_per_second'] or 0:.1f} examples/s; adapter: {final}")
+    say(
+        f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
+        f"{metrics['train_samples_per_second'] or 0:.1f} examples/s; adapter: {final}"
+    )
     return TrainResult(final, metrics)
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers, in the order the recipe uses them.
+
 
 def _precision(requested: str, device) -> str:
     if requested != "auto":
@@ -270,8 +296,13 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
             if self.validator.multi_label:
                 pred = torch.from_numpy(decide_labels(self.validator.predict_proba(texts)))
                 # True positives, false positives, false negatives, exact sets, examples.
-                counts = [float((pred & gold).sum()), float((pred & ~gold).sum()), float((~pred & gold).sum()),
-                          float((pred == gold).all(1).sum()), float(len(gold))]
+                counts = [
+                    float((pred & gold).sum()),
+                    float((pred & ~gold).sum()),
+                    float((~pred & gold).sum()),
+                    float((pred == gold).all(1).sum()),
+                    float(len(gold)),
+                ]
             else:
                 counts = [float((self.validator.score(texts).argmax(1) == gold).sum()), float(len(gold))]
         finally:
@@ -295,35 +326,50 @@ def _saved_modules(model) -> list[str]:
     from peft.utils import ModulesToSaveWrapper
 
     # The config lists candidates ("classifier", "score"); report the ones this architecture has.
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, ModulesToSaveWrapper)})
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)})
 
 
 def _prompt_spec(cfg: Config, splits: Splits, family_cls, base) -> PromptSpec:
     return family_cls.make_spec(
-        base.tokenizer, splits.labels, chat_template=cfg.prompt.chat_template, input_only=cfg.data.input_only,
-        task=cfg.prompt.task, input_name=cfg.prompt.input_name, multi_label=splits.multi_label,
+        base.tokenizer,
+        splits.labels,
+        chat_template=cfg.prompt.chat_template,
+        input_only=cfg.data.input_only,
+        task=cfg.prompt.task,
+        input_name=cfg.prompt.input_name,
+        multi_label=splits.multi_label,
         max_length=resolve_max_length(cfg.data.max_length, base.model.config),
         max_target_length=cfg.data.max_target_length,
-        fields={"text_field": cfg.data.text_field, "label_field": cfg.data.label_field, "id_field": cfg.data.id_field})
+        fields={"text_field": cfg.data.text_field, "label_field": cfg.data.label_field, "id_field": cfg.data.id_field},
+    )
 
 
-def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules,
-              metrics: dict) -> AdapterMeta:
+def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules, metrics: dict) -> AdapterMeta:
     import peft
     import transformers
 
     from . import __version__
 
     return AdapterMeta(
-        base_model=model_name, family=base.family, spec=spec, base_model_requested=cfg.model.name,
-        base_revision=cfg.model.revision, base_config_fingerprint=base.config_fingerprint,
+        base_model=model_name,
+        family=base.family,
+        spec=spec,
+        base_model_requested=cfg.model.name,
+        base_revision=cfg.model.revision,
+        base_config_fingerprint=base.config_fingerprint,
         base_gguf=gguf_source(model_name),
-        lora_target_modules=targets, lora_modules_to_save=saved_modules, config=cfg.to_dict(), metrics=metrics,
-        data={"train": fingerprint(cfg.data.train),
-              "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
-        versions={"loratune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                  "peft": peft.__version__, "python": platform.python_version()},
+        lora_target_modules=targets,
+        lora_modules_to_save=saved_modules,
+        config=cfg.to_dict(),
+        metrics=metrics,
+        data={"train": fingerprint(cfg.data.train), "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
+        versions={
+            "loratune": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+            "python": platform.python_version(),
+        },
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 

@@ -45,5 +45,4 @@ def detect_family(config, override: str = "auto") -> str:
     return EncoderFamily.name
 
 
-__all__ = ["FAMILIES", "CausalFamily", "Encoded", "EncoderFamily", "Family", "Seq2SeqFamily", "detect_family",
-           "family_class"]
+__all__ = ["FAMILIES", "CausalFamily", "Encoded", "EncoderFamily", "Family", "Seq2SeqFamily", "detect_family", "family_class"]

@@ -44,8 +44,9 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def causal_score_ids(model, pad_id: int, prompt_ids: Sequence[Sequence[int]], label_ids: list[list[int]],
-                     batch_size: int = 32, progress=None) -> np.ndarray:
+def causal_score_ids(
+    model, pad_id: int, prompt_ids: Sequence[Sequence[int]], label_ids: list[list[int]], batch_size: int = 32, progress=None
+) -> np.ndarray:
     """Summed log-probability of each label's ids (with EOS) after each prompt: an (N, L) array.
 
     The plain way, kept as the reference: each prompt batch runs once (left-padded), its KV cache is repeated
@@ -77,10 +78,12 @@ def causal_score_ids(model, pad_id: int, prompt_ids: Sequence[Sequence[int]], la
                 logits = model(
                     input_ids=targets[:, :-1].repeat(b, 1),
                     # Label padding sits after each label's real tokens, so causal attention keeps it out.
-                    attention_mask=torch.cat([mask.repeat_interleave(n_labels, 0),
-                                              torch.ones(b * n_labels, width - 1, dtype=mask.dtype, device=device)], 1),
+                    attention_mask=torch.cat(
+                        [mask.repeat_interleave(n_labels, 0), torch.ones(b * n_labels, width - 1, dtype=mask.dtype, device=device)], 1
+                    ),
                     position_ids=(mask.sum(-1, keepdim=True) + steps).repeat_interleave(n_labels, 0),
-                    use_cache=True, **{cache_name: cache},
+                    use_cache=True,
+                    **{cache_name: cache},
                 ).logits
                 logp = logits.float().log_softmax(-1).gather(-1, targets[:, 1:].repeat(b, 1).unsqueeze(-1)).squeeze(-1)
                 sums = sums + (logp * target_mask[:, 1:].repeat(b, 1)).sum(-1).view(b, n_labels)
@@ -129,8 +132,9 @@ class CausalFamily(Family):
         try:
             model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
         except ValueError as exc:
-            raise LoratuneError(f"cannot load {source!r} as a causal LM: {str(exc).splitlines()[0][:300]} "
-                                f"(pass --family to override detection)") from None
+            raise LoratuneError(
+                f"cannot load {source!r} as a causal LM: {str(exc).splitlines()[0][:300]} (pass --family to override detection)"
+            ) from None
         cls.prepare_tokenizer(tokenizer, model)
         return model
 
@@ -139,8 +143,7 @@ class CausalFamily(Family):
         """Left padding (batched inference) and a pad token; many causal LMs (Llama, GPT-2) ship without one."""
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
-                raise LoratuneError("the tokenizer has neither a pad nor an EOS token; loratune needs an EOS token "
-                                    "to end labels")
+                raise LoratuneError("the tokenizer has neither a pad nor an EOS token; loratune needs an EOS token to end labels")
             # Reuse EOS rather than add a token: a new token would resize the embeddings, and the adapter would
             # then no longer fit the base model. Label EOS tokens stay in the loss (the collator never masks by id).
             tokenizer.pad_token = tokenizer.eos_token
@@ -169,15 +172,13 @@ class CausalFamily(Family):
     def encode(self, texts, targets=None) -> Encoded:
         prompts = self.prompt_ids(texts)
         if targets is None:
-            return Encoded([{"input_ids": x, "attention_mask": [1] * len(x)} for x in prompts.ids], prompts.n_cut, 0,
-                           prompts.cut)
+            return Encoded([{"input_ids": x, "attention_mask": [1] * len(x)} for x in prompts.ids], prompts.n_cut, 0, prompts.cut)
         eos, limit = self.tokenizer.eos_token_id, self.spec.max_target_length
         target_ids = self.tokenizer(list(targets), add_special_tokens=False)["input_ids"]
         features = []
         for p, t in zip(prompts.ids, target_ids):
             t = t[: limit - 1] + [eos]
-            features.append({"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)),
-                             "labels": [IGNORE_INDEX] * len(p) + t})
+            features.append({"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)), "labels": [IGNORE_INDEX] * len(p) + t})
         return Encoded(features, prompts.n_cut, sum(len(t) + 1 > limit for t in target_ids), prompts.cut)
 
     def collator(self, pad_to_multiple_of=None):
@@ -193,12 +194,18 @@ class CausalFamily(Family):
         ids, prefix = self.prompt_ids(texts).ids, self.shared_prefix()
         shared = [i for i, x in enumerate(ids) if x[: len(prefix)] == prefix and len(x) > len(prefix)]
         out = np.zeros((len(ids), len(self.spec.labels)))
-        out[shared] = self._scorer.score(prefix, [ids[i][len(prefix):] for i in shared], batch_size, progress)
+        out[shared] = self._scorer.score(prefix, [ids[i][len(prefix) :] for i in shared], batch_size, progress)
         # A prompt whose text merged into the prefix's last token (rare with BPE) is scored the plain way.
         other = sorted(set(range(len(ids))) - set(shared))
         if other:
-            out[other] = causal_score_ids(self.model, self.tokenizer.pad_token_id, [ids[i] for i in other],
-                                          causal_label_ids(self.tokenizer, self.spec.labels), batch_size, progress)
+            out[other] = causal_score_ids(
+                self.model,
+                self.tokenizer.pad_token_id,
+                [ids[i] for i in other],
+                causal_label_ids(self.tokenizer, self.spec.labels),
+                batch_size,
+                progress,
+            )
         return out
 
     def shared_prefix(self) -> list[int]:
@@ -221,11 +228,15 @@ class CausalFamily(Family):
         with torch.inference_mode():
             for batch in batches_by_length([len(x) for x in prompt_ids], batch_size, progress):
                 ids, mask, _ = left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
-                generated = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                                pad_token_id=tokenizer.pad_token_id,
-                                                eos_token_id=tokenizer.eos_token_id)
-                for i, text in zip(batch, tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)):
+                generated = self.model.generate(
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                for i, text in zip(batch, tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)):
                     out[i] = text.strip()
         return out
-

@@ -90,8 +90,9 @@ class Family:
         """Make the tokenizer fit this family's batching (padding side, pad token)."""
 
     @classmethod
-    def make_spec(cls, tokenizer, labels: Sequence[str], *, chat_template: str = "auto", input_only: bool | None = None,
-                  **prompt) -> PromptSpec:
+    def make_spec(
+        cls, tokenizer, labels: Sequence[str], *, chat_template: str = "auto", input_only: bool | None = None, **prompt
+    ) -> PromptSpec:
         """The prompt spec this family reads (``prompt``: task, input_name, multi_label, max_length, ...)."""
         return PromptSpec(tuple(labels), input_only=cls.reads_text_alone if input_only is None else input_only, **prompt)
 
@@ -135,13 +136,15 @@ class Family:
         """Multi-label: P(label is in the answer), an (N, L) array."""
         raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
 
-    def generate(self, texts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32,
-                 progress: Progress = None) -> list[str]:
+    def generate(self, texts: Sequence[str], batch_size: int = 32, max_new_tokens: int = 32, progress: Progress = None) -> list[str]:
         """Greedy decoding: the model's raw answer for each text."""
         raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
 
 
-GENERATE_NOT_FOR_ENCODERS = ("generate mode is not applicable to encoder models (they have a classification head, "
-                             "not a text decoder); use --mode score")
-MULTI_LABEL_SEQ2SEQ_ONLY = ("multi-label classification is implemented for seq2seq (encoder-decoder) models only; "
-                            "use a seq2seq base model such as flan-t5, or single-label data")
+GENERATE_NOT_FOR_ENCODERS = (
+    "generate mode is not applicable to encoder models (they have a classification head, not a text decoder); use --mode score"
+)
+MULTI_LABEL_SEQ2SEQ_ONLY = (
+    "multi-label classification is implemented for seq2seq (encoder-decoder) models only; "
+    "use a seq2seq base model such as flan-t5, or single-label data"
+)

@@ -43,8 +43,9 @@ class EncoderFamily(Family):
                 torch.manual_seed(HEAD_SEED)
                 return AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
         except ValueError as exc:
-            raise LoratuneError(f"cannot load {source!r} as an encoder classifier "
-                                f"(AutoModelForSequenceClassification): {str(exc).splitlines()[0][:300]}") from None
+            raise LoratuneError(
+                f"cannot load {source!r} as an encoder classifier (AutoModelForSequenceClassification): {str(exc).splitlines()[0][:300]}"
+            ) from None
 
     def encode(self, texts, targets=None) -> Encoded:
         prompts = self.prompt_ids(texts)

@@ -27,8 +27,15 @@ def label_token_ids(tokenizer, labels: Sequence[str]) -> list[list[int]]:
     return ids
 
 
-def score_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], label_ids: list[list[int]],
-              batch_size: int = 32, progress: Progress = None, reference: bool = False) -> np.ndarray:
+def score_ids(
+    model,
+    tokenizer,
+    prompt_ids: Sequence[Sequence[int]],
+    label_ids: list[list[int]],
+    batch_size: int = 32,
+    progress: Progress = None,
+    reference: bool = False,
+) -> np.ndarray:
     """Summed log-probability of each label's ids given each tokenized prompt: an (N, L) array."""
     import torch
 
@@ -81,22 +88,31 @@ def _plain_ids(tokenizer, prompts: Sequence[str], max_length: int) -> list[list[
     return tokenizer(list(prompts), truncation=True, max_length=max_length)["input_ids"]
 
 
-def seq2seq_label_logprobs(model, tokenizer, prompts: Sequence[str], labels: Sequence[str],
-                           batch_size: int = 32, max_length: int = 512, progress: Progress = None) -> np.ndarray:
+def seq2seq_label_logprobs(
+    model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32, max_length: int = 512, progress: Progress = None
+) -> np.ndarray:
     """Label scores for already formatted prompts (benchmarks and tests; classifiers go through the family)."""
-    return score_ids(model, tokenizer, _plain_ids(tokenizer, prompts, max_length), label_token_ids(tokenizer, labels),
-                     batch_size, progress)
+    return score_ids(model, tokenizer, _plain_ids(tokenizer, prompts, max_length), label_token_ids(tokenizer, labels), batch_size, progress)
 
 
-def seq2seq_label_logprobs_reference(model, tokenizer, prompts: Sequence[str], labels: Sequence[str],
-                                     batch_size: int = 32, max_length: int = 512, progress: Progress = None) -> np.ndarray:
+def seq2seq_label_logprobs_reference(
+    model, tokenizer, prompts: Sequence[str], labels: Sequence[str], batch_size: int = 32, max_length: int = 512, progress: Progress = None
+) -> np.ndarray:
     """The same scores through the plain reference scorer."""
-    return score_ids(model, tokenizer, _plain_ids(tokenizer, prompts, max_length), label_token_ids(tokenizer, labels),
-                     batch_size, progress, reference=True)
+    return score_ids(
+        model,
+        tokenizer,
+        _plain_ids(tokenizer, prompts, max_length),
+        label_token_ids(tokenizer, labels),
+        batch_size,
+        progress,
+        reference=True,
+    )
 
 
-def generate_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], batch_size: int = 32,
-                 max_new_tokens: int = 32, progress: Progress = None) -> list[str]:
+def generate_ids(
+    model, tokenizer, prompt_ids: Sequence[Sequence[int]], batch_size: int = 32, max_new_tokens: int = 32, progress: Progress = None
+) -> list[str]:
     """Greedy generation for each tokenized prompt, batched by length; returns the decoded text."""
     import torch
 
@@ -111,11 +127,17 @@ def generate_ids(model, tokenizer, prompt_ids: Sequence[Sequence[int]], batch_si
     return texts
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[str], batch_size: int = 32, max_length: int = 512,
-                   max_new_tokens: int = 32, progress: Progress = None) -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    batch_size: int = 32,
+    max_length: int = 512,
+    max_new_tokens: int = 32,
+    progress: Progress = None,
+) -> list[str]:
     """Greedy generation for already formatted prompts (benchmarks and tests)."""
-    return generate_ids(model, tokenizer, _plain_ids(tokenizer, prompts, max_length), batch_size, max_new_tokens,
-                        progress)
+    return generate_ids(model, tokenizer, _plain_ids(tokenizer, prompts, max_length), batch_size, max_new_tokens, progress)
 
 
 class Seq2SeqFamily(Family):
@@ -145,12 +167,12 @@ class Seq2SeqFamily(Family):
         from transformers import DataCollatorForSeq2Seq
 
         # Label padding becomes -100 so the loss ignores it.
-        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX,
-                                      pad_to_multiple_of=pad_to_multiple_of)
+        return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of)
 
     def label_logprobs(self, texts, batch_size=32, progress=None):
-        return score_ids(self.model, self.tokenizer, self.prompt_ids(texts).ids,
-                         label_token_ids(self.tokenizer, self.spec.labels), batch_size, progress)
+        return score_ids(
+            self.model, self.tokenizer, self.prompt_ids(texts).ids, label_token_ids(self.tokenizer, self.spec.labels), batch_size, progress
+        )
 
     def label_marginals(self, texts, batch_size=32, progress=None):
         """P(label is in the answer): a softmax over every label set's score, summed over the sets holding it."""
@@ -168,5 +190,4 @@ class Seq2SeqFamily(Family):
         return softmax(scores) @ membership
 
     def generate(self, texts, batch_size=32, max_new_tokens=32, progress=None):
-        return generate_ids(self.model, self.tokenizer, self.prompt_ids(texts).ids, batch_size, max_new_tokens,
-                            progress)
+        return generate_ids(self.model, self.tokenizer, self.prompt_ids(texts).ids, batch_size, max_new_tokens, progress)

@@ -68,20 +68,26 @@ class ModelPool:
         return self.classifiers[name].predict(texts, mode=mode, progress=progress)
 
 
-def load_pool(adapters: Mapping[str, Path], settings: PredictConfig | None = None, *, base_model: str | None = None,
-              device: str | None = None, **overrides) -> ModelPool:
+def load_pool(
+    adapters: Mapping[str, Path],
+    settings: PredictConfig | None = None,
+    *,
+    base_model: str | None = None,
+    device: str | None = None,
+    **overrides,
+) -> ModelPool:
     """Load the adapters over one base model with the ``predict`` settings (``overrides`` replace single fields).
     A single adapter is merged into the base (same scores, faster)."""
     check_adapters(adapters, base_model)
     settings = dataclasses.replace(settings or PredictConfig(), **overrides)
     if len(adapters) == 1:
         ((name, path),) = adapters.items()
-        return ModelPool({name: classifier_from_config(Config(predict=settings), path, base_override=base_model,
-                                                       device=device)})
+        return ModelPool({name: classifier_from_config(Config(predict=settings), path, base_override=base_model, device=device)})
     dev = pick_device(device)
     model, loaded = load_adapters(adapters, base_model=base_model, dtype=inference_dtype(dev))
     model.to(dev).eval()
-    classifiers = {name: Classifier(family_class(meta.family)(model, tokenizer, meta.spec), settings, meta=meta,
-                                    name=str(adapters[name]))
-                   for name, (tokenizer, meta) in loaded.items()}
+    classifiers = {
+        name: Classifier(family_class(meta.family)(model, tokenizer, meta.spec), settings, meta=meta, name=str(adapters[name]))
+        for name, (tokenizer, meta) in loaded.items()
+    }
     return ModelPool(classifiers, peft_model=model)
