@@ -283,6 +283,15 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
         # Per-rank mean losses averaged by DDP are what we want for every family.
         self.model_accepts_loss_kwargs = False
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The family's own loss calls the model's modules directly, which DistributedDataParallel would not see:
+        # single process only.
+        if not return_outputs and self.args.world_size == 1:
+            loss = self.validator.family.training_loss(model, inputs)
+            if loss is not None:
+                return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")

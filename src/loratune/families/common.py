@@ -124,6 +124,10 @@ class Family:
         """Training (or validation) features for ``texts`` and their target strings."""
         raise NotImplementedError
 
+    def training_loss(self, model, inputs: dict):
+        """This family's own training loss for a collated batch, or None for the model's (the default)."""
+        return None
+
     def collator(self, pad_to_multiple_of: int | None = None):
         """Pads a list of features from :meth:`encode` into a batch."""
         raise NotImplementedError
