@@ -160,6 +160,10 @@ def test_expired_deadline_is_dropped_before_the_forward_pass(classifier, recorde
     assert patient.status_code == 200
     assert "patient client" in recorder.seen and "deadline victim" not in recorder.seen
     assert stats_after(app)["dropped"] == 1
+    with serving(app) as (url, _):
+        for bad in ("soon", "0", "-5", "nan", "inf"):
+            refused = post(url, ["x"], headers={"X-Timeout-Ms": bad})
+            assert refused.status_code == 422 and "X-Timeout-Ms" in refused.json()["error"]["message"], refused.text
 
 
 def test_disconnected_client_work_is_dropped_and_frees_its_room(classifier, recorder, caplog):
