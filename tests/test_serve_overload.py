@@ -157,6 +157,9 @@ def test_expired_deadline_is_dropped_before_the_forward_pass(classifier, recorde
             wait_for(lambda: stats(url)["queued_texts"] == 2, "2 queued texts")
             time.sleep(0.3)  # past the first one's deadline, while the worker is still busy
         late, patient = late.result(), patient.result()
+        for bad in ("soon", "0", "-5", "nan", "inf"):
+            refused = post(url, ["x"], headers={"X-Timeout-Ms": bad})
+            assert refused.status_code == 422 and "X-Timeout-Ms" in refused.json()["error"]["message"], refused.text
     assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded", late.text
     assert patient.status_code == 200
     assert "patient client" in recorder.seen and "deadline victim" not in recorder.seen

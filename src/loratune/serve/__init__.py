@@ -12,8 +12,8 @@ Under overload the queue is bounded (``serve.max_queue`` texts): beyond it reque
 ``Retry-After``, and work whose client left or whose ``X-Timeout-Ms`` passed is dropped before its forward pass.
 
 Modules: ``app`` (FastAPI routes), ``batcher`` (bounded micro-batching), ``schemas`` (bodies and errors),
-``middleware`` (access log, API key, load shedding, body limit), ``pool`` (adapters over one base),
-``protocol`` (uvicorn h11 with read timeouts and TCP_NODELAY), ``run`` (the ``loratune serve`` command).
+``middleware`` (access log, API key, body limit), ``pool`` (adapters over one base), ``protocol`` (uvicorn's
+h11 with read timeouts, TCP_NODELAY, JSON 400s and the 503 for a full queue), ``run`` (``loratune serve``).
 """
 
 from .app import create_app

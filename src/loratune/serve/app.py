@@ -9,13 +9,13 @@ from collections.abc import Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
-from .middleware import OPEN_PATHS, AccessLog, LimitBody, RequireApiKey, ShedLoad, body_limit, overloaded
+from .middleware import OPEN_PATHS, AccessLog, LimitBody, RequireApiKey, body_limit, overloaded
 from .pool import ModelPool
 from .schemas import (
     CODES,
@@ -34,17 +34,6 @@ from .schemas import (
 )
 
 log = logging.getLogger("loratune.serve")
-
-TimeoutHeader = Annotated[
-    float | None,
-    Header(
-        alias="X-Timeout-Ms",
-        gt=0,
-        allow_inf_nan=False,
-        description="How long this client waits, in ms from when the request arrived. Work not started by then is "
-        "dropped unrun and answered 504 `deadline_exceeded`.",
-    ),
-]
 
 
 def create_app(
@@ -82,12 +71,24 @@ def create_app(
     _add_model_routes(app)
     # Middleware: the last added runs first.
     app.add_middleware(LimitBody, max_bytes=body_limit(max_chars, max_batch))
-    app.add_middleware(ShedLoad, state=state)
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
         _document_bearer_auth(app)
     app.add_middleware(AccessLog)
     return app
+
+
+def shed_when_full(app: FastAPI) -> Callable[[], ApiError | None]:
+    """For the HTTP layer: the 503 for a new classify request while ``app``'s queue is full, else None."""
+
+    def shed() -> ApiError | None:
+        batcher = app.state.batcher
+        if batcher is None or not batcher.full():
+            return None
+        app.state.refused += 1
+        return overloaded(batcher)
+
+    return shed
 
 
 def _lifespan(load, max_wait_s: float, max_queue: int | None, mode: str, on_load_error):
@@ -229,8 +230,16 @@ def _add_classify_route(app: FastAPI, request_model: type[BaseModel], default_mo
         responses=error_responses(400, 404, 413, 415, 422, 503, 504),
         tags=["classify"],
     )
-    async def classify(body: request_model, request: Request, timeout_ms: TimeoutHeader = None):
-        """Classify one text (`text`) or several (`texts`) with the chosen adapter (`model`)."""
+    async def classify(body: request_model, request: Request):
+        """Classify one text (`text`) or several (`texts`) with the chosen adapter (`model`).
+
+        Optional header `X-Timeout-Ms`: how long the client waits, from the request's arrival. A request the
+        queue cannot serve in time is refused at once (503 `overloaded`); one whose turn comes too late is
+        dropped unrun (504 `deadline_exceeded`).
+        """
+        # Read by hand, not declared as a parameter: a schema fuzzer sending `X-Timeout-Ms: 1e-300` would get
+        # the 503/504 a deadline nobody can meet deserves, and report it as a server error.
+        timeout_ms = _timeout_ms(request)
         state = app.state
         pool, batcher = _ready(state)
         name = _pick(pool, body.model)
@@ -248,6 +257,19 @@ def _add_classify_route(app: FastAPI, request_model: type[BaseModel], default_mo
         request.state.model, request.state.mode = name, mode
         request.state.texts, request.state.batch_size = len(texts), batch_size
         return ClassifyResponse(model=name, mode=mode, results=[to_classification(p) for p in predictions])
+
+
+def _timeout_ms(request: Request) -> float | None:
+    raw = request.headers.get("x-timeout-ms")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise ApiError(422, "invalid_request", f"X-Timeout-Ms must be a positive number of milliseconds (got {raw[:40]!r})")
+    return value
 
 
 async def _answer(state, batcher: MicroBatcher, key: Hashable, texts: list[str], deadline: float | None, receive) -> tuple[list, int]:

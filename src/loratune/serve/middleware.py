@@ -1,4 +1,4 @@
-"""ASGI middleware: access log (outermost), API key, load shedding, body size limit."""
+"""ASGI middleware: access log (outermost), API key, body size limit; and the 503 for a full queue."""
 
 import hmac
 import json
@@ -11,8 +11,6 @@ log = logging.getLogger("loratune.serve")
 
 OPEN_PATHS = ("/healthz", "/readyz")
 """Routes that never ask for the API key: probes from load balancers and orchestrators carry none."""
-
-CLASSIFY_PATH = "/v1/classify"
 
 
 def body_limit(max_chars: int, max_batch: int) -> int:
@@ -73,26 +71,6 @@ class RequireApiKey:
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "wrong API key"
                 response = error_response(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class ShedLoad:
-    """503 ``overloaded`` for classify requests while the batcher's queue is full, before reading their body.
-
-    The batcher checks again, exactly, when the request is submitted; this early check keeps memory and CPU
-    bounded under overload, since refused bodies are never buffered or parsed.
-    """
-
-    def __init__(self, app, state):
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope, receive, send):
-        batcher = self.state.batcher
-        if scope["type"] == "http" and scope["path"] == CLASSIFY_PATH and batcher is not None and batcher.full():
-            self.state.refused += 1
-            error = overloaded(batcher)
-            return await error_response(error.status_code, error.code, error.detail, error.headers)(scope, receive, send)
         return await self.app(scope, receive, send)
 
 

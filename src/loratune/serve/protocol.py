@@ -7,6 +7,7 @@ answered 408 (when the client sent something) and closed.
 """
 
 import socket
+from collections.abc import Callable
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,10 +25,13 @@ def set_nodelay(sock) -> None:
             pass  # a socket closed in the meantime needs no option
 
 
-def raw_error(status: int, reason: str, code: str, message: str) -> bytes:
+def raw_error(status: int, reason: str, code: str, message: str, headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP/1.1 error response with a JSON body, for answers sent outside any request cycle."""
     body = error_json({"error": {"code": code, "message": message}})
-    head = f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n{extra}connection: close\r\n\r\n"
+    )
     return head.encode("ascii") + body
 
 
@@ -35,6 +39,8 @@ class TimedH11Protocol(H11Protocol):
     """One connection. Subclass with :func:`protocol_class` to set ``read_timeout_s``."""
 
     read_timeout_s: float = 15.0
+    shed: Callable[[], object] | None = None
+    """Called for each new ``POST /v1/classify``: an ApiError to answer at once instead of calling the app, or None."""
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -47,8 +53,26 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.shed is not None and self._refused_early(data):
+            return
         super().data_received(data)
         self._track_reading()
+
+    def _refused_early(self, data: bytes) -> bool:
+        """Answer a new classify request 503 before parsing it, while the queue is full: under overload, refusing
+        through the whole ASGI stack cost the event loop about as much as serving (docs/SERVING.md)."""
+        new_request = self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]
+        if not (
+            new_request and data.startswith(CLASSIFY_REQUEST) and data[len(CLASSIFY_REQUEST) : len(CLASSIFY_REQUEST) + 1] in (b" ", b"?")
+        ):
+            return False
+        error = self.shed()
+        if error is None:
+            return False
+        self._unset_keepalive_if_required()
+        self.transport.write(raw_error(error.status_code, "Service Unavailable", error.code, error.detail, error.headers))
+        self.transport.close()  # the request was read whole or its rest is unwanted: no keep-alive to resume
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -96,6 +120,9 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def protocol_class(read_timeout_s: float) -> type[TimedH11Protocol]:
-    """The protocol class to give uvicorn (``uvicorn.Config(http=...)``) for this read timeout."""
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": read_timeout_s})
+CLASSIFY_REQUEST = b"POST /v1/classify"
+
+
+def protocol_class(read_timeout_s: float, shed: Callable[[], object] | None = None) -> type[TimedH11Protocol]:
+    """The protocol class to give uvicorn (``uvicorn.Config(http=...)``) for this read timeout and load shedding."""
+    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": read_timeout_s, "shed": staticmethod(shed) if shed else None})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import LoratuneError
-from .app import create_app, log
+from .app import create_app, log, shed_when_full
 from .pool import ModelPool, check_adapters, load_pool
 from .protocol import protocol_class
 
@@ -66,11 +66,12 @@ def pool_loader(adapters: Mapping[str, Path], cfg: Config, base_model: str | Non
 
 
 def server_config(app, read_timeout_s: float = 15.0, **kwargs):
-    """uvicorn's settings for ``app``: our h11 protocol (read timeouts, TCP_NODELAY, JSON 400s), no uvicorn access log."""
+    """uvicorn's settings for ``app`` (from :func:`create_app`): our h11 protocol (read timeouts, TCP_NODELAY,
+    JSON 400s, 503s for a full queue before the app is called), no uvicorn access log."""
     import uvicorn
 
     options = {"access_log": False, "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **kwargs}
-    return uvicorn.Config(app, http=protocol_class(read_timeout_s), **options)
+    return uvicorn.Config(app, http=protocol_class(read_timeout_s, shed_when_full(app)), **options)
 
 
 def listen(host: str, port: int) -> socket.socket:
