@@ -71,8 +71,10 @@ def build_config(config: Path | None, sets: list[str] | None, **flags) -> Config
 
 
 def data_flags(model, family, train, val, test, text_field, label_field, labels, multi_label) -> dict:
-    if train is not None and val is None:
-        val = "none"  # your own training data: nothing of the shipped demo leaks in, val is split from it
+    if train is not None:
+        # Your own training data: nothing of the shipped demo leaks in; val is split from it unless given.
+        val = "none" if val is None else val
+        test = "" if test is None else test
     return {
         "model.name": model,
         "model.family": family,
