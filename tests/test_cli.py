@@ -185,11 +185,12 @@ def test_compare_writes_the_three_report_files(run_cli, trained, small_data, tmp
         "confusion_adapter_score.png",
         "confusion_base_generate.png",
         "confusion_base_score.png",
+        "confusion_embeddings_logreg_score.png",  # the frozen-embedding baseline row (MiniLM from the dev extra)
         "report.json",
         "report.md",
     ]
     report = json.loads((out / "report.json").read_text())
-    assert report["n"] == 60 and len(report["results"]) == 4
+    assert report["n"] == 60 and len(report["results"]) == 5
 
 
 def test_evaluate_one_model(run_cli, trained, small_data, tmp_path):
@@ -208,5 +209,6 @@ def test_demo_with_tiny_model_runs_the_main_job_offline(run_cli, tmp_path):
         assert step in result.stdout
     assert (tmp_path / "demo" / "lora" / "final" / "adapter_model.safetensors").is_file()
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
-    assert {r["model"] for r in report["results"]} == {"base", "adapter"}
+    assert {r["model"] for r in report["results"]} == {"base", "adapter", "embeddings+logreg"}
+    assert result.stdout.startswith("model: tiny (--model)")  # the demo says which model it runs
     assert "RANDOM weights" in result.stderr
