@@ -162,3 +162,20 @@ def minilm_dir() -> Path | None:
         return None
     path = Path(spec.origin).parent / "model"
     return path if (path / "config.json").is_file() else None
+
+
+def run_main(args, capsys) -> tuple[int, str, str]:
+    """The real ``loratune`` entry point in this process: (exit code, stdout, stderr)."""
+    from loratune import cli
+
+    old = sys.argv
+    sys.argv = ["loratune", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -9,30 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from conftest import run_main, tiny_config
 
 NESTED = "[" * 100_000 + "]" * 100_000
 BIG_INT = "9" * 5000
-
-
-def run_main(args, capsys) -> tuple[int, str, str]:
-    from loratune import cli
-
-    old = sys.argv
-    sys.argv = ["loratune", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class Ctx:

@@ -8,28 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_config, write_jsonl
+from conftest import ROOT, run_main, tiny_config, write_jsonl
 
 from loratune.checkpoints import DiskFull, clean_leftovers, latest_checkpoint, prepare_output_dir
 from loratune.errors import LoratuneError
 
 REQUIRED = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt")
-
-
-def run_main(args, capsys) -> tuple[int, str]:
-    """The real CLI entry point in-process: (exit code, stderr)."""
-    from loratune import cli
-
-    old = sys.argv
-    sys.argv = ["loratune", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = old
-    return code, capsys.readouterr().err
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -98,7 +82,7 @@ def test_resume_after_a_finished_run_says_so(tmp_path):
 @pytest.mark.integration
 def test_nan_run_exits_1_with_one_sentence_and_no_adapter(tiny_t5, small_data, tmp_path, capsys):
     out = tmp_path / "nan"
-    code, err = run_main(
+    code, _, err = run_main(
         [
             "train",
             "--model",

@@ -71,23 +71,13 @@ def _reader(cfg: Config, splits):
     from transformers import AutoTokenizer
 
     from .families import detect_family, family_class
-    from .models import load_config, resolve_max_length, resolve_model_name
+    from .models import load_config, prompt_spec, resolve_model_name
 
     name = resolve_model_name(cfg.model.name, texts=[e.text for e in splits.train], labels=splits.labels)
     config, local_only = load_config(name, cfg.model.revision, cfg.model.trust_remote_code)
     family_cls = family_class(detect_family(config, cfg.model.family))
     tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, local_files_only=local_only)
-    spec = family_cls.make_spec(
-        tokenizer,
-        splits.labels,
-        chat_template=cfg.prompt.chat_template,
-        input_only=cfg.data.input_only,
-        task=cfg.prompt.task,
-        input_name=cfg.prompt.input_name,
-        multi_label=splits.multi_label,
-        max_length=resolve_max_length(cfg.data.max_length, config),
-        max_target_length=cfg.data.max_target_length,
-    )
+    spec = prompt_spec(cfg, family_cls, tokenizer, splits.labels, splits.multi_label, config)
     family = family_cls(None, tokenizer, spec)
     return family, not spec.chat_template
 

@@ -148,6 +148,23 @@ def load_base(
     return LoadedModel(model, tokenizer, family_cls.name, name, fingerprint)
 
 
+def prompt_spec(cfg, family_cls, tokenizer, labels, multi_label: bool, model_config):
+    """The PromptSpec a configuration asks of ``family_cls`` for this model (what train, inspect and a bare base
+    model read); the data field names travel with it into the adapter."""
+    return family_cls.make_spec(
+        tokenizer,
+        labels,
+        chat_template=cfg.prompt.chat_template,
+        input_only=cfg.data.input_only,
+        task=cfg.prompt.task,
+        input_name=cfg.prompt.input_name,
+        multi_label=bool(multi_label),
+        max_length=resolve_max_length(cfg.data.max_length, model_config),
+        max_target_length=cfg.data.max_target_length,
+        fields={"text_field": cfg.data.text_field, "label_field": cfg.data.label_field, "id_field": cfg.data.id_field},
+    )
+
+
 def position_limit(config) -> int | None:
     """The longest input the model's position table allows; None for relative positions (T5)."""
     for key in ("max_position_embeddings", "n_positions"):

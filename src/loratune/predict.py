@@ -40,7 +40,7 @@ from .data import normalize_label
 from .errors import LoratuneError
 from .families import Family, family_class
 from .families.common import GENERATE_NOT_FOR_ENCODERS, MULTI_LABEL_SEQ2SEQ_ONLY, softmax
-from .models import load_base, resolve_max_length, resolve_model_name
+from .models import load_base, prompt_spec, resolve_model_name
 from .prompt import LABEL_SEPARATOR, MAX_SCORED_LABELS, PromptSpec, format_target, label_sets
 
 INVALID = "invalid"
@@ -348,15 +348,5 @@ def _base_classifier(cfg: Config, dev, dtype) -> Classifier:
         )
     base = load_base(name, revision=cfg.model.revision, family=cfg.model.family, dtype=dtype, labels=labels)
     family_cls = family_class(base.family)
-    spec = family_cls.make_spec(
-        base.tokenizer,
-        labels,
-        chat_template=cfg.prompt.chat_template,
-        input_only=cfg.data.input_only,
-        task=cfg.prompt.task,
-        input_name=cfg.prompt.input_name,
-        multi_label=bool(cfg.data.multi_label),
-        max_length=resolve_max_length(cfg.data.max_length, base.model.config),
-        max_target_length=cfg.data.max_target_length,
-    )
+    spec = prompt_spec(cfg, family_cls, base.tokenizer, labels, cfg.data.multi_label, base.model.config)
     return Classifier(family_cls(base.model.to(dev).eval(), base.tokenizer, spec), cfg.predict, name=cfg.model.name)

@@ -55,7 +55,7 @@ from .families import family_class
 from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
 from .gguf import gguf_source
 from .guards import FiniteLossStep, NonFiniteGuard, TrainingDiverged
-from .models import attach_lora, count_parameters, load_base, resolve_max_length, resolve_model_name
+from .models import attach_lora, count_parameters, load_base, prompt_spec, resolve_model_name
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
 
@@ -106,7 +106,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     family_cls = family_class(base.family)
     if splits.multi_label and not family_cls.supports_multi_label:
         raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
-    spec = _prompt_spec(cfg, splits, family_cls, base)
+    spec = prompt_spec(cfg, family_cls, base.tokenizer, splits.labels, splits.multi_label, base.model.config)
     model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
     if cfg.train.gradient_checkpointing:
         # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
@@ -336,21 +336,6 @@ def _saved_modules(model) -> list[str]:
 
     # The config lists candidates ("classifier", "score"); report the ones this architecture has.
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)})
-
-
-def _prompt_spec(cfg: Config, splits: Splits, family_cls, base) -> PromptSpec:
-    return family_cls.make_spec(
-        base.tokenizer,
-        splits.labels,
-        chat_template=cfg.prompt.chat_template,
-        input_only=cfg.data.input_only,
-        task=cfg.prompt.task,
-        input_name=cfg.prompt.input_name,
-        multi_label=splits.multi_label,
-        max_length=resolve_max_length(cfg.data.max_length, base.model.config),
-        max_target_length=cfg.data.max_target_length,
-        fields={"text_field": cfg.data.text_field, "label_field": cfg.data.label_field, "id_field": cfg.data.id_field},
-    )
 
 
 def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules, metrics: dict) -> AdapterMeta:
