@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .errors import LoratuneError
 from .prompt import format_example
 
-__all__ = ["Classifier", "LoratuneError", "__version__", "compare", "evaluate", "format_example", "load_dataset", "train"]
+__all__ = ["Classifier", "LoratuneError", "__version__", "evaluate", "format_example", "load_dataset", "train"]
 
 
 def __getattr__(name: str):
@@ -22,10 +22,6 @@ def __getattr__(name: str):
         from .data import load_splits
 
         return load_splits
-    if name == "compare":
-        from .compare import compare
-
-        return compare
     if name == "evaluate":
         from .evaluate import evaluate
 
