@@ -129,7 +129,7 @@ class CausalLabelScorer:
     """Summed log-probability of each label's tokens after ``prefix + suffix_i``, for a causal LM.
 
     ``label_ids`` are the labels' token ids as they follow the prompt, each ending with EOS (see
-    ``tokenize.causal_label_ids``), so that a label is told apart from a longer label it prefixes.
+    ``families.causal.causal_label_ids``), so that a label is told apart from a longer label it prefixes.
     """
 
     def __init__(self, model, label_ids: Sequence[Sequence[int]]):
