@@ -55,3 +55,9 @@ def test_run_baseline_row_scores_its_own_predictions(tiny_encoder, demo_rows):
     assert row["accuracy"] == pytest.approx(expected)
     assert row["n"] == 40 and list(row["per_label"]) == labels
     assert row["fit_seconds"] > 0 and row["examples_per_s"] > 0 and row["embedding_model"] == str(tiny_encoder)
+    # With a fallback label, the same abstain metrics as an adapter's row, from the same predictions.
+    predicted = pred.predict([e.text for e in test])
+    scoped = run_baseline(train, test, labels, model_path=str(tiny_encoder), fallback_label="other")
+    gold_in = [(p, e.label) for p, e in zip(predicted, test) if e.label != "other"]
+    assert scoped["in_scope_accuracy"] == pytest.approx(np.mean([p == g for p, g in gold_in]))
+    assert scoped["abstain_rate"] == pytest.approx(np.mean([p == "other" for p in predicted]))

@@ -189,14 +189,16 @@ def run_baseline(
     multi_label: bool | None = None,
     batch_size: int = 64,
     progress=None,
+    fallback_label: str | None = None,
 ) -> dict:
     """Fit on ``train_examples`` and score ``test_examples`` (loratune Examples); a metrics row like EvalResult's.
 
     Adds ``fit_seconds`` (embedding the training set + the regression), ``seconds`` / ``examples_per_s`` /
-    ``ms_per_example`` for scoring the test set, and the embedding model used.
+    ``ms_per_example`` for scoring the test set, and the embedding model used. With ``fallback_label`` (single-label)
+    the abstain metrics too: in-scope accuracy and out-of-scope recall, as the adapter's row reports them.
     """
     from .data import example_labels
-    from .evaluate import compute_metrics, compute_multilabel_metrics
+    from .evaluate import abstain_metrics, compute_metrics, compute_multilabel_metrics
 
     if multi_label is None:
         multi_label = any(not isinstance(e.label, str) for e in train_examples)
@@ -210,6 +212,8 @@ def run_baseline(
         metrics = compute_multilabel_metrics([example_labels(e) for e in test_examples], pred, baseline.labels)
     else:
         metrics = compute_metrics([e.label for e in test_examples], pred, baseline.labels)
+        if fallback_label:
+            metrics.update(abstain_metrics([e.label for e in test_examples], pred, fallback_label))
     n = len(test_examples)
     metrics.update(
         {

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from .config import Config
 from .errors import LoratuneError
 from .evaluate import build_report, evaluate, write_report
@@ -154,25 +152,7 @@ def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required
         )
         if (e.label in clf.labels if isinstance(e.label, str) else set(e.label) <= set(clf.labels))
     ]
-    metrics = run_baseline(train, examples, clf.labels, model, multi_label=clf.multi_label)
     fallback = cfg.predict.fallback_label or clf.meta.fallback_label
-    if fallback and not clf.multi_label:
-        metrics.update(_scope_metrics(metrics["confusion_matrix"], fallback))
+    metrics = run_baseline(train, examples, clf.labels, model, multi_label=clf.multi_label, fallback_label=fallback)
     metrics.pop("model", None)
     report["results"].append({"model": "embeddings+logreg", "mode": "score", **metrics})
-
-
-def _scope_metrics(cm: dict, fallback: str) -> dict:
-    """In-scope accuracy and out-of-scope recall read off a confusion matrix (rows: true, columns: predicted)."""
-    values = np.array(cm["values"])
-    if fallback not in cm["rows"] or fallback not in cm["columns"]:
-        return {}
-    out_row, out_col = cm["rows"].index(fallback), cm["columns"].index(fallback)
-    in_rows = [i for i, label in enumerate(cm["rows"]) if label != fallback]
-    correct = sum(values[i, cm["columns"].index(cm["rows"][i])] for i in in_rows if cm["rows"][i] in cm["columns"])
-    n_in, n_out = values[in_rows].sum(), values[out_row].sum()
-    return {
-        "in_scope_accuracy": float(correct / max(n_in, 1)),
-        "oos_recall": float(values[out_row, out_col] / max(n_out, 1)),
-        "abstain_rate": float(values[:, out_col].sum() / max(values.sum(), 1)),
-    }

@@ -162,7 +162,7 @@ class CausalFamily(Family):
     def answer_cue(cls, chat_template: bool) -> str:
         return "" if chat_template else ANSWER_CUE
 
-    def prompt_ids(self, texts) -> Budgeted:
+    def _encode_prompts(self, texts) -> Budgeted:
         # A chat template writes its own BOS; plain prompts get the tokenizer's special tokens (Llama: BOS).
         out = self.spec.encode(self.tokenizer, texts, add_special_tokens=not self.spec.chat_template)
         eos = self.tokenizer.eos_token_id

@@ -78,6 +78,7 @@ class Family:
 
     def __init__(self, model, tokenizer, spec: PromptSpec):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self._last: tuple[tuple[str, ...], Budgeted] | None = None
 
     # -- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -114,7 +115,16 @@ class Family:
         return next(self.model.parameters()).device
 
     def prompt_ids(self, texts: Sequence[str]) -> Budgeted:
-        """Token ids of each text's rendered prompt, within the budget."""
+        """Token ids of each text's rendered prompt, within the budget.
+
+        The last call is remembered: a Classifier reads the cut counts and then scores the same texts, and
+        tokenizing a long prompt (many labels) twice per request would double that cost."""
+        key = tuple(texts)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._encode_prompts(key))
+        return self._last[1]
+
+    def _encode_prompts(self, texts: Sequence[str]) -> Budgeted:
         return self.spec.encode(self.tokenizer, texts)
 
     def invalidate(self) -> None:
