@@ -199,6 +199,13 @@ def test_adapter_on_a_base_of_another_family_is_refused(runs, tiny_t5):
         load_adapter(adapter, base_model=str(tiny_t5))
 
 
+def test_mean_pooled_encoder_adapter_is_not_exported_as_a_plain_model(runs, tmp_path):
+    adapter, _, _ = runs("encoder")
+    code, _, stderr = cli("export", "--adapter", adapter, "--format", "merged", "--output", tmp_path / "merged")
+    assert code == 2 and "mean-pooled embeddings" in stderr and "model.pooling=cls" in stderr
+    assert not (tmp_path / "merged").exists()
+
+
 def test_encoder_adapter_on_another_encoder_is_refused(runs, tmp_path):
     from loratune.adapter import load_adapter
     from loratune.fixtures import build_tiny_encoder

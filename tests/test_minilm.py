@@ -28,7 +28,9 @@ def test_minilm_loads_as_an_encoder_and_a_few_steps_train(demo_rows, tmp_path):
     cfg = tiny_config(MINILM, data, tmp_path / "run", max_steps=2, batch_size=2, epochs=1)
     result = train(cfg, echo=lambda *a, **k: None)
     meta = json.loads((result.adapter_dir / "loratune.json").read_text())
-    assert meta["family"] == "encoder" and meta["lora_target_modules"] == ["query", "value"]
+    # The encoder defaults: LoRA on every attention and MLP projection, the head on mean-pooled embeddings.
+    assert meta["family"] == "encoder" and sorted(meta["lora_target_modules"]) == ["dense", "key", "query", "value"]
+    assert meta["prompt"]["pooling"] == "mean"
     assert meta["lora_modules_to_save"] == ["classifier"]
     assert result.metrics["steps"] == 2 and all(x == x for x in result.metrics["loss_history"])  # no NaN
     probs = Classifier.from_pretrained(result.adapter_dir).predict_proba(["I was charged twice"])

@@ -6,6 +6,7 @@ Precedence, lowest first: dataclass defaults < ``--config FILE`` < CLI flags / `
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ DEFAULT_MODEL = "google/flan-t5-small"
 FAMILIES = ("auto", "seq2seq", "causal", "encoder")
 MODES = ("score", "generate")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+POOLINGS = ("auto", "mean", "cls")
 CHAT_TEMPLATES = ("auto", "on", "off")
 # Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
 MAX_BATCH_SIZE = 1 << 20
@@ -41,6 +43,10 @@ class ModelConfig:
     """seq2seq | causal | encoder; ``auto`` reads it from the model config."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off by default: it executes arbitrary Python."""
+    pooling: str = "auto"
+    """Encoders: what the classification head reads. mean: the attention-mask mean of the last hidden states,
+    L2-normalised (how sentence embedders like MiniLM were trained); cls: the model's own head ([CLS] pooler),
+    loadable by plain transformers. auto: mean for BERT-style encoders, else cls."""
 
 
 @dataclass
@@ -227,8 +233,12 @@ def set_value(cfg: Config, dotted: str, value: Any) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file (if any), then ``overrides`` ({"train.lr": 3e-4, ...}; None values skipped)."""
+    """Defaults, then the YAML file (if any), then ``overrides`` ({"train.lr": 3e-4, ...}; None values skipped).
+
+    The keys the file or the overrides set are remembered (:func:`explicit_keys`): a model family's own
+    defaults (:func:`apply_family_defaults`) never replace a value the user gave."""
     cfg = Config()
+    given: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -249,10 +259,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 raise LoratuneError(f"{path}: section {section_name!r} must be a mapping")
             for key, value in values.items():
                 set_value(cfg, f"{section_name}.{key}", value)
+                given.add(f"{section_name}.{key}")
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_value(cfg, dotted, value)
+            given.add(dotted)
+    cfg._given = given  # not a setting: where the settings came from
     return cfg
+
+
+def explicit_keys(cfg: Config) -> set[str]:
+    """The ``section.key`` settings a user chose: given in the config file or on the command line, or (for a
+    Config built in Python) holding anything but the dataclass default."""
+    given = set(getattr(cfg, "_given", ()))
+    defaults = Config()
+    for section in dataclasses.fields(cfg):
+        for item in dataclasses.fields(getattr(cfg, section.name)):
+            if getattr(getattr(cfg, section.name), item.name) != getattr(getattr(defaults, section.name), item.name):
+                given.add(f"{section.name}.{item.name}")
+    return given
+
+
+def apply_family_defaults(cfg: Config, defaults: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+    """A copy of ``cfg`` with a model family's own defaults ({"train.lr": 1e-3, ...}) for every key the user did
+    not choose, and the ones applied."""
+    chosen = explicit_keys(cfg)
+    applied = {key: value for key, value in defaults.items() if key not in chosen}
+    if not applied:
+        return cfg, {}
+    cfg = copy.deepcopy(cfg)
+    for key, value in applied.items():
+        set_value(cfg, key, value)
+    return cfg, applied
 
 
 def parse_set_options(items: list[str] | None) -> dict[str, str]:
@@ -284,6 +322,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"data.max_length must be at least 8 (got {cfg.data.max_length})")
     if cfg.data.max_target_length < 2:
         problems.append(f"data.max_target_length must be at least 2 (got {cfg.data.max_target_length})")
+    if cfg.model.pooling not in POOLINGS:
+        problems.append(f"model.pooling must be one of {', '.join(POOLINGS)} (got {cfg.model.pooling!r})")
     if cfg.lora.r < 1:
         problems.append(f"lora.r must be >= 1 (got {cfg.lora.r})")
     if cfg.lora.alpha <= 0:

@@ -30,6 +30,13 @@ EXPORT_FILE = "loratune_export.json"
 
 def export_merged(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """Merge the adapter into its base (``merge_and_unload``) and save model + tokenizer into ``out_dir``."""
+    from .adapter import AdapterMeta
+
+    if AdapterMeta.read(adapter_dir).spec.pooling == "mean":
+        raise LoratuneError(
+            f"{adapter_dir} classifies mean-pooled embeddings, which a plain transformers model cannot reproduce "
+            "(its head reads the [CLS] pooler): serve it with loratune, or train with --set model.pooling=cls to export"
+        )
     model, tokenizer, meta = _merged(adapter_dir)
     out_dir = Path(out_dir)
     tmp = temp_dir_beside(out_dir)

@@ -156,6 +156,8 @@ def prompt_spec(cfg, family_cls, tokenizer, labels, multi_label: bool, model_con
         labels,
         chat_template=cfg.prompt.chat_template,
         input_only=cfg.data.input_only,
+        pooling=cfg.model.pooling,
+        model_config=model_config,
         task=cfg.prompt.task,
         input_name=cfg.prompt.input_name,
         multi_label=bool(multi_label),
@@ -207,7 +209,7 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_modules=None):
+def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_modules=None, exclude_modules=None):
     """Wrap ``model`` with a fresh LoRA adapter; only the LoRA weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
@@ -220,6 +222,7 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=list(target_modules) if target_modules else None,
+        exclude_modules=list(exclude_modules) if exclude_modules else None,
     )
     try:
         return get_peft_model(model, config)

@@ -105,6 +105,9 @@ class PromptSpec:
     input_only: bool = False
     """The model reads the input text alone (encoders: the classification head carries the labels)."""
     max_target_length: int = 32
+    pooling: str | None = None
+    """Encoders: ``mean`` when the head reads the L2-normalised mean of the last hidden states; None: the
+    model's own head. Older adapters have none: they were trained with their model's head."""
     fields: dict = field(default_factory=dict, compare=False, hash=False)
     """Data field names the adapter was trained with (text_field, label_field, id_field), for reuse."""
 

@@ -48,7 +48,7 @@ from .checkpoints import (
     prepare_output_dir,
     space_needed,
 )
-from .config import Config, validate
+from .config import Config, apply_family_defaults, validate
 from .data import Splits, example_labels, fingerprint, load_splits
 from .errors import LoratuneError
 from .families import family_class
@@ -106,13 +106,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     family_cls = family_class(base.family)
     if splits.multi_label and not family_cls.supports_multi_label:
         raise LoratuneError(MULTI_LABEL_SEQ2SEQ_ONLY)
+    cfg, family_defaults = apply_family_defaults(cfg, family_cls.train_defaults)
+    if family_defaults:
+        say(f"{base.family} defaults: " + ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in family_defaults.items()))
     spec = prompt_spec(cfg, family_cls, base.tokenizer, splits.labels, splits.multi_label, base.model.config)
-    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    target_modules, exclude_modules = cfg.lora.target_modules, None
+    if not target_modules:
+        target_modules, exclude_modules = family_cls.lora_targets(base.model, spec)
+    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, target_modules, exclude_modules)
     if cfg.train.gradient_checkpointing:
         # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
         # and backward fails with "element 0 of tensors does not require grad".
         model.enable_input_require_grads()
     family = family_cls(model, base.tokenizer, spec)
+    if resume_from is None:  # a resumed run restores everything from its checkpoint
+        family.prepare_training([e.text for e in splits.train], [e.label for e in splits.train], say)
     trainable, total = count_parameters(model)
     targets = sorted(model.peft_config["default"].target_modules)
     saved_modules = _saved_modules(model)
@@ -124,6 +132,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         + (f"  trained in full: {', '.join(saved_modules)}" if saved_modules else "")
         + ("  chat template: on" if spec.chat_template else "")
         + ("  input: text alone" if spec.input_only else "")
+        + ("  head: mean pooling" if spec.pooling == "mean" else "")
     )
     say(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
 

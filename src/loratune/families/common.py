@@ -90,12 +90,33 @@ class Family:
     def prepare_tokenizer(cls, tokenizer, model) -> None:
         """Make the tokenizer fit this family's batching (padding side, pad token)."""
 
+    train_defaults: ClassVar[dict] = {}
+    """This family's own defaults for settings the user did not choose ({"train.lr": 1e-3, ...})."""
+
     @classmethod
     def make_spec(
-        cls, tokenizer, labels: Sequence[str], *, chat_template: str = "auto", input_only: bool | None = None, **prompt
+        cls,
+        tokenizer,
+        labels: Sequence[str],
+        *,
+        chat_template: str = "auto",
+        input_only: bool | None = None,
+        pooling: str = "auto",
+        model_config=None,
+        **prompt,
     ) -> PromptSpec:
         """The prompt spec this family reads (``prompt``: task, input_name, multi_label, max_length, ...)."""
+        if pooling not in ("auto", None):
+            raise LoratuneError(f"model.pooling={pooling} applies to encoder models only; this is a {cls.name} model")
         return PromptSpec(tuple(labels), input_only=cls.reads_text_alone if input_only is None else input_only, **prompt)
+
+    @classmethod
+    def lora_targets(cls, model, spec: PromptSpec) -> tuple[list[str] | None, list[str] | None]:
+        """(target_modules, exclude_modules) when the user chose none; None lets PEFT pick per architecture."""
+        return None, None
+
+    def prepare_training(self, texts: Sequence[str], labels: Sequence[str], echo=print) -> None:
+        """Set up what training starts from, once, before the first step (e.g. a classification head)."""
 
     @classmethod
     def answer_cue(cls, chat_template: bool) -> str:
