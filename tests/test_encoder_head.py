@@ -1,5 +1,7 @@
 """The encoder family's head: mean pooling, the linear-probe start, and the family's own training defaults."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import LABELS
@@ -100,3 +102,14 @@ def test_family_defaults_never_replace_what_the_user_chose(tmp_path):
     built.train.batch_size = 8
     cfg, applied = apply_family_defaults(built, defaults)
     assert cfg.train.batch_size == 8 and built.train.lr == Config().train.lr and cfg.train.lr == defaults["train.lr"]
+
+
+def test_inspect_an_encoder_dataset_with_many_labels(tiny_encoder, tmp_path, capsys):
+    from conftest import run_main, write_jsonl
+
+    rows = [{"text": f"message number {i} about topic {i % 40}", "label": f"intent_{i % 40}"} for i in range(400)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    code, stdout, stderr = run_main(["inspect", "--model", str(tiny_encoder), "--train", str(train), "--json"], capsys)
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert len(report["labels"]) == 40 and report["tokens"]["input_only"] and report["tokens"]["truncated_prompts"] == 0

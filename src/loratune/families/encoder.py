@@ -48,7 +48,7 @@ class EncoderFamily(Family):
 
     def __init__(self, model, tokenizer, spec):
         super().__init__(model, tokenizer, spec)
-        if spec.pooling == "mean":
+        if spec.pooling == "mean" and model is not None:  # inspect reads prompts without a model
             _install_mean_pooling(model)
 
     @classmethod
