@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -119,7 +120,11 @@ def train_cmd(
     from .train import train as run_train  # after validation: a bad flag is reported without loading torch
 
     result = run_train(
-        cfg, resume=resume, overwrite=overwrite, echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print,
+        command=shlex.join(["loratune", *sys.argv[1:]]),
     )
     if json_out and int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
         print(json.dumps({"adapter": str(result.adapter_dir), "interrupted": result.interrupted, "metrics": result.metrics}, indent=2))
