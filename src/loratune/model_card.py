@@ -182,6 +182,7 @@ def _usage_section(meta: AdapterMeta, task_type: str) -> list[str]:
             "",
             "# The head's label maps are in loratune.json (PEFT loads the base by the id in adapter_config.json).",
             'head = json.load(open("ADAPTER_DIR/loratune.json"))["head"]  # num_labels, id2label, label2id',
+            'head["id2label"] = {int(i): label for i, label in head["id2label"].items()}  # JSON keys are strings',
             f'model = {auto}.from_pretrained("ADAPTER_DIR", **head).eval()',
             'tokenizer = AutoTokenizer.from_pretrained("ADAPTER_DIR")',
             f'enc = tokenizer("your text", truncation=True, max_length={meta.spec.max_length}, return_tensors="pt")',
