@@ -163,7 +163,7 @@ def demo(
     flags = {"model.name": name, "train.output_dir": str(out_root / "lora"), "train.epochs": epochs, "train.max_steps": max_steps}
     cfg = load_config(config, {**defaults, **parse_set_options(sets), **{k: v for k, v in flags.items() if v is not None}})
     validate(cfg, training=True)
-    if not run_demo(cfg, out_root, progress=progress):
+    if not run_demo(cfg, out_root, progress=progress, command=shlex.join(["loratune", *sys.argv[1:]])):
         raise typer.Exit(130)
 
 
