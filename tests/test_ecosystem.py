@@ -75,6 +75,7 @@ OPTIONS = {
     "seq2seq": ["--set", "train.report_to=tensorboard"],
     "causal": ["--set", "train.class_weights=auto"],
     "encoder": ["--set", "lora.use_dora=true", "--set", "lora.target_modules=all-linear", "--set", "train.class_weights=auto"],
+    "encoder-default": [],  # the default pooling: the card's snippet must reproduce it whatever it is
 }
 
 
@@ -84,10 +85,10 @@ def runs(request, tmp_path_factory, data):
 
     def get(family):
         if family not in done:
-            model = request.getfixturevalue(TINY_FIXTURES[family])
+            model = request.getfixturevalue(TINY_FIXTURES[family.split("-")[0]])
             out = tmp_path_factory.mktemp(f"eco-{family}")
             args = ["train", "--model", model, "--train", data["train"], "--val", data["val"], "--labels", ",".join(LABELS)]
-            args += ["--output-dir", out, "--max-steps", STEPS[family], "--batch-size", 8, "--lr", 0.005, "--seed", 3]
+            args += ["--output-dir", out, "--max-steps", STEPS[family.split("-")[0]], "--batch-size", 8, "--lr", 0.005, "--seed", 3]
             args += OPTIONS[family] + (cls_pooling() if family == "encoder" else [])
             code, stdout, stderr = cli(*args)
             assert code == 0, (stdout + stderr)[-3000:]
@@ -103,7 +104,7 @@ def card_snippet(adapter) -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "encoder-default"])
 def test_plain_peft_loads_each_adapter_and_predicts_as_loratune(family, runs):
     """The card's transformers + PEFT snippet (no loratune import) gives loratune's scores and labels."""
     from loratune import Classifier
