@@ -15,6 +15,7 @@ from pathlib import Path
 from .adapter import AdapterMeta, head_config
 from .atomic import write_text
 from .families import family_class
+from .families.encoder import HEAD_SCALE
 
 CARD = "README.md"
 HUB_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<rev>[0-9a-f]{40})")
@@ -25,8 +26,6 @@ AUTO_CLASSES = {
     "CAUSAL_LM": "AutoPeftModelForCausalLM",
     "SEQ_CLS": "AutoPeftModelForSequenceClassification",
 }
-MEAN_POOL_SCALE = 20
-"""Mean-pooled encoder adapters: the head reads the L2-normalised mean embedding times this."""
 
 
 def hub_origin(requested: str, resolved: str) -> tuple[str | None, str | None]:
@@ -122,15 +121,6 @@ def _lora(meta: AdapterMeta) -> dict:
     return lora if isinstance(lora, dict) else {}
 
 
-def _pooling(meta: AdapterMeta) -> str | None:
-    """An encoder's pooling setting, wherever the run recorded it (metadata or a config section)."""
-    value = getattr(meta, "pooling", None)
-    for section in meta.config.values() if isinstance(meta.config, dict) else ():
-        if value is None and isinstance(section, dict):
-            value = section.get("pooling")
-    return value
-
-
 def _data_section(meta: AdapterMeta, counts: dict) -> list[str]:
     data = meta.data
     val = data.get("val")
@@ -188,14 +178,14 @@ def _usage_section(meta: AdapterMeta, task_type: str) -> list[str]:
             f'enc = tokenizer("your text", truncation=True, max_length={meta.spec.max_length}, return_tensors="pt")',
             "with torch.no_grad():",
         ]
-        if _pooling(meta) == "mean":
+        if meta.spec.pooling == "mean":
             lines += [
                 "    # This adapter classifies the attention-mask mean of the token embeddings, L2-normalised and",
-                f"    # scaled by {MEAN_POOL_SCALE}, not the [CLS] pooler output the plain model would use:",
+                f"    # scaled by {HEAD_SCALE:g}, not the [CLS] pooler output the plain model would use:",
                 "    inner = model.get_base_model()",
                 "    hidden = inner.base_model(**enc).last_hidden_state",
                 '    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
-                f"    pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1) * {MEAN_POOL_SCALE}",
+                f"    pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1) * {HEAD_SCALE:g}",
                 "    logits = inner.classifier(pooled)",
             ]
         else:
