@@ -115,6 +115,9 @@ def test_plain_peft_loads_each_adapter_and_predicts_as_loratune(family, runs):
     expected, labels = clf.score(TEXTS), [p.label for p in clf.predict(TEXTS)]
     snippet = card_snippet(adapter)
     assert "loratune" not in snippet.replace(str(adapter), "").replace("loratune.json", "")
+    pooling = json.loads((adapter / "loratune.json").read_text())["prompt"].get("pooling")
+    assert ("inner.classifier(pooled)" in snippet) == (pooling == "mean")
+    assert family != "encoder" or pooling != "mean"  # the cls-pooled head: plain PEFT's own forward
     for text, row, label in zip(TEXTS, expected, labels):
         ns, printed = {}, io.StringIO()
         with contextlib.redirect_stdout(printed):
