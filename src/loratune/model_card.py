@@ -163,10 +163,10 @@ def _usage_section(meta: AdapterMeta, task_type: str) -> list[str]:
     auto = AUTO_CLASSES.get(task_type)
     if auto is None:
         return lines
-    lines += ["With transformers + PEFT alone (`ADAPTER_DIR` is this directory):", "", "```python", "import torch"]
+    lines += ["With transformers + PEFT alone (`ADAPTER_DIR` is this directory):", "", "```python"]
+    lines += ["import json", "", "import torch"] if task_type == "SEQ_CLS" else ["import torch"]
     if task_type == "SEQ_CLS":
         lines += [
-            "import json",
             f"from peft import {auto}",
             "from transformers import AutoTokenizer",
             "",
