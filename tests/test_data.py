@@ -72,9 +72,9 @@ def test_csv_missing_column_says_which_flag(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-    path = tmp_path / "t.parquet"
+    path = tmp_path / "t.xlsx"
     path.write_text("x")
-    with pytest.raises(DataError, match="unsupported file type"):
+    with pytest.raises(DataError, match=r"unsupported file type ..xlsx.; use .jsonl, .csv or .parquet"):
         read_examples(path)
 
 

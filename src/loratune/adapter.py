@@ -50,6 +50,8 @@ class AdapterMeta:
     data: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
     created_at: str = ""
+    command: str = ""
+    """The command line that trained it (empty: the Python API)."""
 
     @property
     def labels(self) -> list[str]:
@@ -68,6 +70,9 @@ class AdapterMeta:
             out["prompt" if f.name == "spec" else f.name] = value.to_dict() if f.name == "spec" else value
         # Also at the top level, for readers of the plain JSON (checked on read like the rest).
         out["labels"], out["multi_label"], out["max_length"] = self.labels, self.multi_label, self.spec.max_length
+        head = head_config(self.family, self.labels)
+        if head:  # for transformers + PEFT users: AutoPeftModelForSequenceClassification.from_pretrained(dir, **head)
+            out["head"] = head
         return out
 
     def write(self, adapter_dir: str | Path) -> Path:
@@ -118,6 +123,8 @@ class AdapterMeta:
         for key in ("config", "metrics", "data", "versions"):
             if not isinstance(kwargs.get(key, {}), dict):
                 kwargs[key] = {}  # informational only: a damaged one is dropped, not fatal
+        if not isinstance(kwargs.get("command", ""), str):
+            kwargs["command"] = ""
         return cls(base_model=data["base_model"], family=family, spec=spec, **kwargs)
 
     @classmethod
@@ -136,6 +143,16 @@ class AdapterMeta:
         if not isinstance(peft_config, dict):
             raise LoratuneError(f"{adapter_dir / 'adapter_config.json'}: not a JSON object; the adapter is damaged")
         return cls.from_dict(data, adapter_dir / META_FILE)
+
+
+def head_config(family: str, labels) -> dict:
+    """A classification head's label maps as transformers' config keeps them (num_labels, id2label, label2id), for
+    families PEFT loads as SEQ_CLS; {} for the others (their labels are text). PEFT's AutoPeftModel reads only
+    adapter_config.json, so these must be passed to it: ``from_pretrained(dir, **head)``."""
+    if family_class(family).peft_task_type != "SEQ_CLS":
+        return {}
+    labels = list(labels)
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)}}
 
 
 def _spec(data: dict, labels: list, family: str, bad) -> PromptSpec:

@@ -126,3 +126,13 @@ class ProgressBar(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
             self.bar.close()
+
+
+def log_tensorboard_to(trainer, logging_dir) -> None:
+    """Point the Trainer's TensorBoard callback (``train.report_to=tensorboard``) at ``logging_dir``, unless the
+    TENSORBOARD_LOGGING_DIR environment variable already chose one."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(logging_dir)

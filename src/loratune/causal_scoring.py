@@ -261,7 +261,9 @@ def naive_label_logprobs(
     return out
 
 
-def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+def causal_lm_loss(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The model's own causal-LM loss (mean cross-entropy of next-token predictions where the shifted ``labels``
     are not -100), with the LM head applied only at those positions instead of at every token.
 
@@ -272,6 +274,10 @@ def causal_lm_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    if weights is not None:  # class weights: per-example means, weighted (families.common.weighted_loss)
+        from .families.common import weighted_token_mean
+
+        return weighted_token_mean(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none"), keep, weights)
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="mean")
 
 

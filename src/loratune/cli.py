@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -119,7 +120,11 @@ def train_cmd(
     from .train import train as run_train  # after validation: a bad flag is reported without loading torch
 
     result = run_train(
-        cfg, resume=resume, overwrite=overwrite, echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print
+        cfg,
+        resume=resume,
+        overwrite=overwrite,
+        echo=(lambda *a, **k: print(*a, file=sys.stderr, **k)) if json_out else print,
+        command=shlex.join(["loratune", *sys.argv[1:]]),
     )
     if json_out and int(os.environ.get("RANK", "0")) == 0:  # one summary, not one per process
         print(json.dumps({"adapter": str(result.adapter_dir), "interrupted": result.interrupted, "metrics": result.metrics}, indent=2))
@@ -158,7 +163,7 @@ def demo(
     flags = {"model.name": name, "train.output_dir": str(out_root / "lora"), "train.epochs": epochs, "train.max_steps": max_steps}
     cfg = load_config(config, {**defaults, **parse_set_options(sets), **{k: v for k, v in flags.items() if v is not None}})
     validate(cfg, training=True)
-    if not run_demo(cfg, out_root, progress=progress):
+    if not run_demo(cfg, out_root, progress=progress, command=shlex.join(["loratune", *sys.argv[1:]])):
         raise typer.Exit(130)
 
 

@@ -21,7 +21,7 @@ ModelOpt = Annotated[
     ),
 ]
 FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
-TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")]
+TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl, .csv or .parquet).")]
 ValOpt = Annotated[
     Optional[str], typer.Option("--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")
 ]

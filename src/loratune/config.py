@@ -25,6 +25,26 @@ MODES = ("score", "generate")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 POOLINGS = ("auto", "mean", "cls")
 CHAT_TEMPLATES = ("auto", "on", "off")
+CLASS_WEIGHTS = ("none", "auto")
+ALL_LINEAR = "all-linear"
+"""PEFT's keyword for every linear layer but the output layer (``lora.target_modules``)."""
+# train.report_to: the HF Trainer's integrations and the module each needs (the pip package of the same name,
+# except where REPORT_PACKAGES says otherwise).
+REPORT_TO = {
+    "none": None,
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "neptune": "neptune",
+    "trackio": "trackio",
+    "swanlab": "swanlab",
+    "codecarbon": "codecarbon",
+    "azure_ml": "azureml",
+}
+REPORT_PACKAGES = {"azureml": "azureml-core", "comet_ml": "comet-ml"}
 # Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 1e6
@@ -92,7 +112,10 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] | None = None
     """Module names to adapt; empty picks per architecture (T5: q, v; Llama: q_proj, v_proj; GPT-2: c_attn;
-    BERT: query, value)."""
+    BERT: query, value); ``all-linear``: every linear layer but the output layer (PEFT's keyword)."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): a learned magnitude per output besides the low-rank
+    direction; often closer to full fine-tuning at low rank, a little slower per step."""
 
 
 @dataclass
@@ -120,6 +143,12 @@ class TrainConfig:
     """auto (bf16 on CUDA where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16."""
     gradient_checkpointing: bool = False
     logging_steps: int = 10
+    report_to: str = "none"
+    """Where the Trainer also logs: none | tensorboard (OUTPUT_DIR/runs) | wandb | mlflow | any HF Trainer
+    integration that is installed; several comma-separated."""
+    class_weights: str = "none"
+    """auto: weight each example's loss by the inverse frequency of its label (single-label data), so rare
+    labels count as much as common ones in total | none."""
 
 
 @dataclass
@@ -382,5 +411,33 @@ def validate(cfg: Config, *, training: bool = False) -> None:
             problems.append(f"train.precision must be one of {', '.join(PRECISIONS)} (got {t.precision!r})")
         if not cfg.data.train:
             problems.append("data.train is empty: pass --train FILE")
+        if t.class_weights not in CLASS_WEIGHTS:
+            problems.append(f"train.class_weights must be one of {', '.join(CLASS_WEIGHTS)} (got {t.class_weights!r})")
+        problems += report_to_problems(t.report_to)
+    targets = cfg.lora.target_modules or []
+    if ALL_LINEAR in targets and len(targets) > 1:
+        problems.append(f"lora.target_modules: {ALL_LINEAR} already means every linear layer; give it alone or list module names")
     if problems:
         raise LoratuneError("invalid configuration: " + "; ".join(problems))
+
+
+def report_to_list(value: str) -> list[str]:
+    """``train.report_to`` as the Trainer's list of integrations ([] for none)."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def report_to_problems(value: str) -> list[str]:
+    """Unknown or not installed ``train.report_to`` integrations, one sentence each (with the pip command)."""
+    import importlib.util
+
+    problems = []
+    for name in report_to_list(value):
+        module = REPORT_TO.get(name, "")
+        if name not in REPORT_TO or module is None:
+            known = ", ".join(REPORT_TO)
+            problems.append(f"train.report_to={name!r} is not a Trainer integration loratune knows (one of {known})")
+        elif importlib.util.find_spec(module) is None:
+            package = REPORT_PACKAGES.get(module, module)
+            problems.append(f"train.report_to={name} needs the {package} package, which is not installed: pip install {package}")
+    return problems

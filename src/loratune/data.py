@@ -1,4 +1,5 @@
-"""Read labelled examples from JSONL or CSV, validate them, and settle the label set and the splits.
+"""Read labelled examples from JSONL, CSV or Parquet (or a 🤗 ``datasets.Dataset``: tables.py), validate them,
+and settle the label set and the splits.
 
 Every problem in a file is reported as ``FILE:LINE: what is wrong`` through :class:`DataError`, before any
 model is loaded or anything is written.
@@ -7,7 +8,6 @@ model is loaded or anything is written.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
@@ -23,6 +23,8 @@ from .prompt import LABEL_SEPARATOR
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TABLE_SUFFIXES = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
 
 
 class DataError(LoratuneError):
@@ -144,11 +146,16 @@ def _parse_json_line(line: str, where: str):
 
 
 def _records(path: Path):
-    """Yield (where, line, record) for each non-empty row of a JSONL or CSV/TSV file."""
+    """Yield (where, line, record) for each non-empty row of a JSONL, CSV/TSV or Parquet file."""
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a data file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if path.suffix.lower() in PARQUET_SUFFIXES:
+        from .tables import parquet_records
+
+        yield from parquet_records(path)
+        return
     content = decode_file(path)
     if not content.strip():
         raise DataError(f"{path}: file is empty")
@@ -184,31 +191,41 @@ def _records(path: Path):
                 raise DataError(f'{where}: expected a JSON object like {{"text": ..., "label": ...}}')
             yield where, number, record
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl or .csv")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _source_records(source, name: str, label_field: str):
+    """(records, source name) of a data file path, or of a datasets.Dataset / list of dicts called ``name``."""
+    if isinstance(source, (str, Path)):
+        return _records(Path(source)), str(source)
+    from .tables import dataset_records
+
+    return dataset_records(source, name, label_field), name
 
 
 def read_examples(
-    path: str | Path,
+    path,
     text_field: str = "text",
     label_field: str = "label",
     multi_label: bool = False,
     label_delimiter: str = ",",
+    name: str = "data",
 ) -> list[Example]:
-    """Read a JSONL or CSV/TSV file of labelled examples; raise DataError naming file:line on any problem."""
-    path = Path(path)
+    """Read labelled examples from a JSONL, CSV/TSV or Parquet file, or from a ``datasets.Dataset`` (or list of
+    dicts, called ``name`` in messages); raise DataError naming file:line (name:row) on any problem."""
+    records, source = _source_records(path, name, label_field)
     examples = [
-        _make_example(record, where, str(path), line, text_field, label_field, multi_label, label_delimiter)
-        for where, line, record in _records(path)
+        _make_example(record, where, source, line, text_field, label_field, multi_label, label_delimiter) for where, line, record in records
     ]
     if not examples:
-        raise DataError(f"{path}: no examples found")
+        raise DataError(f"{source}: no examples found")
     return examples
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """Unlabelled texts for prediction: a JSONL/CSV file (``text_field``) or any other file as one text per line."""
+    """Unlabelled texts for prediction: a JSONL/CSV/Parquet file (``text_field``) or any other file as one text per line."""
     path = Path(path)
-    if path.suffix.lower() not in JSONL_SUFFIXES + CSV_SUFFIXES:
+    if path.suffix.lower() not in TABLE_SUFFIXES:
         if not path.is_file():
             raise DataError(f"{path}: no such file")
         return [line.strip() for line in decode_file(path).split("\n") if line.strip()]
@@ -246,7 +263,7 @@ def read_ids(path: str | Path, id_field: str | None = None) -> list | None:
     """The id of each row of a JSONL/CSV file, for ``predict`` to pass through: ``id_field``, else ``id`` when
     every row has one; None when there is none (plain text files have no ids)."""
     path = Path(path)
-    if path.suffix.lower() not in JSONL_SUFFIXES + CSV_SUFFIXES:
+    if path.suffix.lower() not in TABLE_SUFFIXES:
         if id_field:
             raise DataError(f"{path}: --id-field {id_field!r} needs a .jsonl or .csv file")
         return None
@@ -337,12 +354,13 @@ def split_train_val(examples: Sequence[Example], fraction: float, seed: int) -> 
     return train, val
 
 
-def first_list_label(path: str | Path, label_field: str = "label") -> str | None:
-    """``FILE:LINE`` of the first list-valued label in a JSONL file, else None (a CSV cell is always a string)."""
-    path = Path(path)
-    if path.suffix.lower() not in JSONL_SUFFIXES:
+def first_list_label(path, label_field: str = "label", name: str = "data") -> str | None:
+    """``FILE:LINE`` of the first list-valued label in a JSONL or Parquet file or an in-memory table (``name``),
+    else None (a CSV cell is always a string)."""
+    if isinstance(path, (str, Path)) and Path(path).suffix.lower() in CSV_SUFFIXES:
         return None
-    for where, _, record in _records(path):
+    records, _ = _source_records(path, name, label_field)
+    for where, _, record in records:
         if isinstance(record.get(label_field), list):
             return where
     return None
@@ -358,22 +376,26 @@ def check_multi_label_names(labels: Sequence[str]) -> None:
         )
 
 
-def load_splits(cfg: DataConfig, seed: int = 42) -> Splits:
+def load_splits(cfg: DataConfig, seed: int = 42, train_data=None, val_data=None) -> Splits:
     """Load train and validation data as configured, settle the label set, and validate every label.
 
-    A list-valued label in a JSONL training file makes the data multi-label even without ``--multi-label``;
-    the first such line is named in ``Splits.warnings`` so the switch is never silent.
+    ``train_data`` / ``val_data``: a ``datasets.Dataset`` (or list of dicts) instead of the configured files;
+    with ``train_data`` and no ``val_data`` the validation set is split from it (``cfg.val`` is not read).
+    A list-valued label in JSONL/Parquet/table training data makes the data multi-label even without
+    ``--multi-label``; the first such row is named in ``Splits.warnings`` so the switch is never silent.
     """
-    detected = None if cfg.multi_label else first_list_label(cfg.train, cfg.label_field)
+    train_source = cfg.train if train_data is None else train_data
+    val_source = val_data if val_data is not None else (cfg.val if train_data is None else None)
+    detected = None if cfg.multi_label else first_list_label(train_source, cfg.label_field, "train_data")
     multi_label = cfg.multi_label or detected is not None
     read = dict(text_field=cfg.text_field, label_field=cfg.label_field, multi_label=multi_label, label_delimiter=cfg.label_delimiter)
-    train = read_examples(cfg.train, **read)
+    train = read_examples(train_source, **read, name="train_data")
     labels = resolve_labels(cfg.labels, train)
     check_labels(train, labels)
     if multi_label:
         check_multi_label_names(labels)
-    if cfg.val:
-        val = read_examples(cfg.val, **read)
+    if val_source is not None and not (isinstance(val_source, str) and not val_source):
+        val = read_examples(val_source, **read, name="val_data")
         check_labels(val, labels)
         is_split = False
     else:
@@ -401,10 +423,3 @@ def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
     examples = read_examples(path, cfg.text_field, cfg.label_field, multi_label, cfg.label_delimiter)
     check_labels(examples, labels)
     return examples
-
-
-def fingerprint(path: str | Path) -> dict[str, object]:
-    """SHA-256 and size of a data file, recorded with each adapter so a run can be traced to its data."""
-    path = Path(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}

@@ -54,8 +54,9 @@ def demo_budget(model: str) -> dict:
     return dict(SMOLLM2_BUDGET) if model == OFFLINE_MODEL else {}
 
 
-def run_demo(cfg: Config, out_root: Path, echo=print, progress=None) -> dict:
-    """Inspect, train, compare base vs adapter (both modes), sample predictions. Returns the compare report."""
+def run_demo(cfg: Config, out_root: Path, echo=print, progress=None, command: str = "") -> dict:
+    """Inspect, train, compare base vs adapter (both modes), sample predictions. Returns the compare report.
+    ``command``: the command line, for the adapter's model card."""
     from .compare import compare
     from .console import print_summary
     from .inspect_data import inspect_dataset, render
@@ -65,7 +66,7 @@ def run_demo(cfg: Config, out_root: Path, echo=print, progress=None) -> dict:
     echo("== 1/4 inspect the data")
     render(inspect_dataset(cfg, n_examples=1))
     echo("\n== 2/4 train a LoRA adapter")
-    result = train(cfg, overwrite=True, echo=echo)
+    result = train(cfg, overwrite=True, echo=echo, command=command)
     if result.interrupted:
         return {}
     echo("\n== 3/4 compare the base model with base + adapter")

@@ -209,20 +209,24 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_modules=None, exclude_modules=None):
-    """Wrap ``model`` with a fresh LoRA adapter; only the LoRA weights stay trainable."""
+def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_modules=None, exclude_modules=None, use_dora: bool = False):
+    """Wrap ``model`` with a fresh LoRA (or DoRA) adapter; only the adapter weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    from .config import ALL_LINEAR
+
     # target_modules=None lets PEFT pick its per-architecture default (T5: q, v; Llama: q_proj, v_proj;
-    # GPT-2: c_attn; BERT: query, value). SEQ_CLS also puts the new head in modules_to_save, so it is
-    # trained in full and saved with the adapter.
+    # GPT-2: c_attn; BERT: query, value); PEFT reads "all-linear" only as a string, never inside a list.
+    # SEQ_CLS also puts the new head in modules_to_save, so it is trained in full and saved with the adapter.
+    targets = list(target_modules) if target_modules else None
     config = LoraConfig(
         task_type=family_class(family).peft_task_type,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules) if target_modules else None,
+        target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         exclude_modules=list(exclude_modules) if exclude_modules else None,
+        use_dora=use_dora,
     )
     try:
         return get_peft_model(model, config)

@@ -8,9 +8,12 @@ Data-parallel, same command under a standard launcher (HF Trainer handles the pr
     accelerate launch --num-processes 4 -m loratune train --config configs/default.yaml
 Resume after a crash or Ctrl-C (continues from the last checkpoint, same result as an uninterrupted run):
     loratune train --resume
+From Python, with a 🤗 ``datasets.Dataset`` (or a list of dicts) instead of files:
+    loratune.train(load_config(overrides={...}), train_data=ds["train"], val_data=ds["validation"])
 
 Layout of OUTPUT_DIR: ``checkpoints/`` (Trainer checkpoints for --resume, ``best/`` adapter so far) and
-``final/`` (the best adapter, tokenizer and ``loratune.json``), written atomically at the end. Every checkpoint
+``final/`` (the best adapter, tokenizer, ``loratune.json`` and a model card, README.md), written atomically at
+the end; ``runs/`` with ``train.report_to=tensorboard``. Every checkpoint
 is renamed into place only when complete, so a kill -9 or a full disk never leaves one --resume would trip on
 (checkpoints.py); a NaN/inf loss or weight stops the run before anything of it is saved (guards.py).
 
@@ -39,7 +42,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
-from .callbacks import BestAdapter, InterruptToCheckpoint, ProgressBar
+from .callbacks import BestAdapter, InterruptToCheckpoint, ProgressBar, log_tensorboard_to
 from .checkpoints import (
     AtomicCheckpoints,
     discard_checkpoints,
@@ -48,16 +51,19 @@ from .checkpoints import (
     prepare_output_dir,
     space_needed,
 )
-from .config import Config, apply_family_defaults, validate
-from .data import Splits, example_labels, fingerprint, load_splits
+from .class_weights import WeightedCollator, class_weights
+from .config import Config, apply_family_defaults, report_to_list, validate
+from .data import Splits, example_labels, label_counts, load_splits
 from .errors import LoratuneError
 from .families import family_class
 from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
 from .gguf import gguf_source
 from .guards import FiniteLossStep, NonFiniteGuard, TrainingDiverged
+from .model_card import hub_origin, packaged_copy_of, point_config_at_hub, write_card
 from .models import attach_lora, count_parameters, load_base, prompt_spec, resolve_model_name
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
+from .tables import source_fingerprint
 
 __all__ = ["TrainResult", "TrainingDiverged", "train"]
 
@@ -74,10 +80,16 @@ class TrainResult:
     interrupted: bool = False
 
 
-def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=print) -> TrainResult:
-    """Train an adapter as configured and write it to ``cfg.train.output_dir/final``."""
+def train(
+    cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=print, train_data=None, val_data=None, command: str = ""
+) -> TrainResult:
+    """Train an adapter as configured and write it to ``cfg.train.output_dir/final``.
+
+    ``train_data`` / ``val_data``: a ``datasets.Dataset`` or list of dicts instead of ``cfg.data.train`` / ``val``
+    (same validation; without ``val_data`` the validation set is split from ``train_data``). ``command``: the
+    command line, for the model card."""
     validate(cfg, training=True)
-    splits = load_splits(cfg.data, seed=cfg.train.seed)
+    splits = load_splits(cfg.data, seed=cfg.train.seed, train_data=train_data, val_data=val_data)
     if splits.multi_label and not cfg.data.multi_label:
         cfg = copy.deepcopy(cfg)  # detected from the data: the saved config must say so too
         cfg.data.multi_label = True
@@ -86,6 +98,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
             f"multi-label training picks the best adapter by scoring every label set, which allows "
             f"at most {MAX_SCORED_LABELS} labels (got {len(splits.labels)})"
         )
+    weights = class_weights(cfg.train.class_weights, splits)  # before any model loads: multi-label is refused
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
     set_seed(cfg.train.seed)
@@ -113,7 +126,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     target_modules, exclude_modules = cfg.lora.target_modules, None
     if not target_modules:
         target_modules, exclude_modules = family_cls.lora_targets(base.model, spec)
-    model = attach_lora(base.model, base.family, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, target_modules, exclude_modules)
+    lora = cfg.lora
+    model = attach_lora(base.model, base.family, lora.r, lora.alpha, lora.dropout, target_modules, exclude_modules, lora.use_dora)
     if cfg.train.gradient_checkpointing:
         # PEFT + frozen embeddings: without this, checkpointed blocks see inputs that do not require grad
         # and backward fails with "element 0 of tensors does not require grad".
@@ -127,8 +141,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     device = pick_device()
     precision = _precision(cfg.train.precision, device)
     say(f"device: {device.type}  precision: {precision}  world size: {os.environ.get('WORLD_SIZE', '1')}")
+    kind, leaves = "DoRA" if cfg.lora.use_dora else "LoRA", sorted({t.rsplit(".", 1)[-1] for t in targets})  # all-linear: full paths
     say(
-        f"model: {cfg.model.name} ({base.family})  LoRA r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(targets)}"
+        f"model: {cfg.model.name} ({base.family})  {kind} r={cfg.lora.r} alpha={cfg.lora.alpha} on {', '.join(leaves)}"
         + (f"  trained in full: {', '.join(saved_modules)}" if saved_modules else "")
         + ("  chat template: on" if spec.chat_template else "")
         + ("  input: text alone" if spec.input_only else "")
@@ -156,6 +171,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         )
     for warning in splits.warnings:
         say(f"warning: {warning}")
+    if weights:
+        say("class weights (inverse label frequency): " + ", ".join(f"{label} {w:.2f}" for label, w in weights.items()))
+        for feature, example in zip(train_enc.features, splits.train):
+            feature["weight"] = weights[example.label]
 
     # 3. Trainer: HF Trainer gives DDP under torchrun/accelerate, checkpoints and exact resume. Validation runs
     #    the prediction code itself (a Classifier over the model being trained), never teacher-forced tokens.
@@ -171,12 +190,13 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
         args=args,
         train_dataset=train_enc.features,
         eval_dataset=val_enc.features,
-        data_collator=family.collator(pad_to_multiple_of=8 if device.type == "cuda" else None),
+        data_collator=WeightedCollator(family.collator(pad_to_multiple_of=8 if device.type == "cuda" else None)),
         processing_class=base.tokenizer,
         callbacks=callbacks,
         validation=(validator, [e.text for e in splits.val], val_gold),
     )
     trainer.remove_callback(PrinterCallback)  # raw log dicts; ProgressBar shows the same, readably
+    log_tensorboard_to(trainer, out / "runs")  # the Trainer's default is inside checkpoints/, discarded at the end
     say("config: " + json.dumps(cfg.to_dict(), separators=(",", ":")))
 
     # A full disk (checkpoint, best/ or final/) ends in one sentence; the last complete checkpoint stays resumable.
@@ -209,9 +229,18 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, echo=pr
     }
     final = out / FINAL
     if rank0:
-        meta = _metadata(cfg, splits, base, model_name, spec, targets, saved_modules, metrics)
+        meta = _metadata(cfg, splits, base, model_name, spec, targets, saved_modules, metrics, (train_data, val_data), command)
+        hub_id, revision = hub_origin(cfg.model.name, model_name)
+        shown = hub_id or (f"{packaged_copy_of(model_name)} (the copy at {model_name})" if packaged_copy_of(model_name) else model_name)
+        example = (splits.train[0].text, splits.train[0].label)
+
+        def finish(tmp: Path) -> None:  # PEFT's files say where the base came from; the card says what this is
+            if hub_id:
+                point_config_at_hub(tmp, hub_id, cfg.model.revision or revision)
+            write_card(tmp, meta, base.tokenizer, example, shown, hub_id or packaged_copy_of(model_name))
+
         with disk_full_as_error(final, lambda: space_needed(ckpt_dir, model), lambda: True):
-            _write_final(ckpt_dir / BEST, final, meta, base.tokenizer)
+            _write_final(ckpt_dir / BEST, final, meta, base.tokenizer, finish)
         discard_checkpoints(out, ckpt_dir)  # a finished run has nothing left to resume
     say(
         f"best val {best.metric.replace('_', '-')} {best.value:.4f} at step {best.step}; "
@@ -264,7 +293,7 @@ def _training_args(cfg: Config, ckpt_dir: Path, precision: str, device) -> Train
         fp16=precision == "fp16",
         use_cpu=device.type == "cpu",
         activation_checkpointing=t.gradient_checkpointing,
-        report_to="none",
+        report_to=report_to_list(t.report_to),
         log_level_replica="error",  # other ranks would repeat every library warning
         disable_tqdm=True,  # ProgressBar below shows loss and samples/s instead
         restore_callback_states_from_checkpoint=True,
@@ -293,10 +322,13 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop("weight", None)  # train.class_weights: one per example
         # The family's own loss calls the model's modules directly, which DistributedDataParallel would not see:
-        # single process only.
-        if not return_outputs and self.args.world_size == 1:
-            loss = self.validator.family.training_loss(model, inputs)
+        # single process only; under DDP a weighted loss goes through the model's forward.
+        if not return_outputs:
+            family = self.validator.family
+            single = self.args.world_size == 1
+            loss = family.training_loss(model, inputs, weights) if single else family.forward_loss(model, inputs, weights)
             if loss is not None:
                 return loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -347,7 +379,9 @@ def _saved_modules(model) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)})
 
 
-def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules, metrics: dict) -> AdapterMeta:
+def _metadata(
+    cfg: Config, splits: Splits, base, model_name: str, spec: PromptSpec, targets, saved_modules, metrics: dict, tables, command: str
+) -> AdapterMeta:
     import peft
     import transformers
 
@@ -365,7 +399,14 @@ def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSp
         lora_modules_to_save=saved_modules,
         config=cfg.to_dict(),
         metrics=metrics,
-        data={"train": fingerprint(cfg.data.train), "val": fingerprint(cfg.data.val) if cfg.data.val else "split from train"},
+        data={
+            "train": source_fingerprint(cfg.data.train if tables[0] is None else tables[0]),
+            "val": "split from train" if splits.val_is_split else source_fingerprint(cfg.data.val if tables[1] is None else tables[1]),
+            "train_examples": len(splits.train),
+            "val_examples": len(splits.val),
+            "label_counts": {label: label_counts(splits.train).get(label, 0) for label in splits.labels},
+        },
+        command=command,
         versions={
             "loratune": __version__,
             "torch": torch.__version__,
@@ -377,13 +418,14 @@ def _metadata(cfg: Config, splits: Splits, base, model_name: str, spec: PromptSp
     )
 
 
-def _write_final(best_dir: Path, final: Path, meta: AdapterMeta, tokenizer) -> None:
+def _write_final(best_dir: Path, final: Path, meta: AdapterMeta, tokenizer, finish) -> None:
     tmp = temp_dir_beside(final)
     try:
         for item in best_dir.iterdir():
             if item.name != "best.json":
                 shutil.copyfile(item, tmp / item.name)  # copyfile: new files get normal permissions
         tokenizer.save_pretrained(tmp)
+        finish(tmp)
         # loratune.json is written last: its presence marks a complete adapter.
         meta.write(tmp)
         replace_dir(tmp, final)

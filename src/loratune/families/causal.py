@@ -120,6 +120,7 @@ class CausalFamily(Family):
     name = "causal"
     peft_task_type = "CAUSAL_LM"
     exports_gguf = True
+    shifts_labels = True
 
     def __init__(self, model, tokenizer, spec):
         super().__init__(model, tokenizer, spec)
@@ -184,12 +185,12 @@ class CausalFamily(Family):
     def collator(self, pad_to_multiple_of=None):
         return causal_collator(self.tokenizer, pad_to_multiple_of)
 
-    def training_loss(self, model, inputs):
+    def training_loss(self, model, inputs, weights=None):
         """The model's own loss with the 49k-vocabulary head applied only at label positions (1.5x faster steps
         on SmolLM2's shape, docs/BENCHMARKS.md); equal to it within 1e-5 (tests/test_causal_scoring.py)."""
         from ..causal_scoring import causal_lm_loss
 
-        return causal_lm_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        return causal_lm_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], weights)
 
     def label_logprobs(self, texts, batch_size=32, progress=None):
         """Every prompt is the spec's shared prefix (chat header, instruction, label list) + its own suffix (text,

@@ -58,6 +58,30 @@ def right_pad(tokenizer, seqs: Sequence[Sequence[int]], device):
     return tokenizer.pad({"input_ids": [list(x) for x in seqs]}, return_tensors="pt").to(device)
 
 
+def weighted_loss(logits, labels, weights, shifted: bool = False):
+    """mean_i(weights_i x loss_i), loss_i the mean cross-entropy over example i's labelled positions.
+
+    ``logits`` (B, L) with ``labels`` (B,) for a classification head, or (B, T, V) with (B, T) token labels
+    (-100 ignored; ``shifted``: position t predicts label t + 1). Dividing by B, not by the sum of the weights,
+    keeps inverse-frequency weights (mean 1 over the data) from rescaling the loss batch by batch.
+    """
+    import torch.nn.functional as F
+
+    if logits.dim() == 2:
+        logits, labels = logits[:, None], labels[:, None]
+    elif shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    return weighted_token_mean(F.cross_entropy(logits[keep].float(), labels[keep], reduction="none"), keep, weights)
+
+
+def weighted_token_mean(token_losses, keep, weights):
+    """Per-token losses (``keep``'s True positions, row-major) -> each row's mean -> mean of weight x row mean."""
+    rows = keep.nonzero()[:, 0]
+    per_row = token_losses.new_zeros(keep.shape[0]).index_add(0, rows, token_losses) / keep.sum(1).clamp(min=1)
+    return (per_row * weights.to(per_row)).mean()
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     shifted = scores - scores.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
@@ -75,6 +99,8 @@ class Family:
     """``loratune export --format gguf`` can write this family (Llama-architecture causal LMs)."""
     reads_text_alone: ClassVar[bool] = False
     """Default for ``PromptSpec.input_only``: the model needs no instruction (a classification head)."""
+    shifts_labels: ClassVar[bool] = False
+    """The logits at position t predict the label at t + 1 (causal LMs), for :meth:`forward_loss`."""
 
     def __init__(self, model, tokenizer, spec: PromptSpec):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
@@ -155,9 +181,18 @@ class Family:
         """Training (or validation) features for ``texts`` and their target strings."""
         raise NotImplementedError
 
-    def training_loss(self, model, inputs: dict):
-        """This family's own training loss for a collated batch, or None for the model's (the default)."""
-        return None
+    def training_loss(self, model, inputs: dict, weights=None):
+        """This family's own training loss for a collated batch, or None for the model's (the default).
+
+        ``weights`` (one per example: class weights) make it the mean of weight x the example's own loss (its
+        mean over its target tokens)."""
+        return self.forward_loss(model, inputs, weights)
+
+    def forward_loss(self, model, inputs: dict, weights=None):
+        """The weighted loss from the model's forward pass (safe under DDP); None (the model's own) without weights."""
+        if weights is None:
+            return None
+        return weighted_loss(model(**inputs).logits, inputs["labels"], weights, self.shifts_labels)
 
     def collator(self, pad_to_multiple_of: int | None = None):
         """Pads a list of features from :meth:`encode` into a batch."""
