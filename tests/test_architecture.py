@@ -221,3 +221,22 @@ def test_an_adapter_refuses_labels_it_was_not_trained_on(saved_adapter):
     cfg.data.labels = ["spam", "ham"]
     with pytest.raises(LoratuneError, match="drop --labels"):
         classifier_from_config(cfg, saved_adapter)
+
+
+def test_public_functions_stay_callable_after_their_submodule_is_imported():
+    import subprocess
+    import sys
+
+    code = (
+        "import loratune.train, loratune.evaluate, loratune\n"
+        "from loratune import train, evaluate\n"
+        "from loratune.train import train as fn\n"
+        "assert callable(loratune.train) and callable(train) and callable(evaluate)\n"
+        "try:\n"
+        "    loratune.train(None)\n"
+        "except Exception as exc:\n"
+        "    assert 'not callable' not in str(exc), exc\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

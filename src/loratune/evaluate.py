@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import replace_dir, temp_dir_beside
+from .callable_module import make_callable
 from .data import Example, example_labels
 from .predict import INVALID, Classifier, Prediction
 
@@ -385,3 +386,6 @@ def abstain_metrics(gold: Sequence[str], pred: Sequence[str], fallback_label: st
             }
         )
     return metrics
+
+
+make_callable(__name__, "evaluate")  # loratune.evaluate(...) works even once this module is imported

@@ -42,6 +42,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
+from .callable_module import make_callable
 from .callbacks import BestAdapter, InterruptToCheckpoint, ProgressBar, log_tensorboard_to
 from .checkpoints import (
     AtomicCheckpoints,
@@ -431,3 +432,6 @@ def _write_final(best_dir: Path, final: Path, meta: AdapterMeta, tokenizer, fini
         replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+make_callable(__name__, "train")  # loratune.train(cfg) works even once this module is imported
