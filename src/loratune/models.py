@@ -211,6 +211,8 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     """Wrap ``model`` with a fresh LoRA adapter; only the LoRA weights stay trainable."""
     from peft import LoraConfig, get_peft_model
 
+    from .quiet import peft_wrap
+
     # target_modules=None lets PEFT pick its per-architecture default (T5: q, v; Llama: q_proj, v_proj;
     # GPT-2: c_attn; BERT: query, value). SEQ_CLS also puts the new head in modules_to_save, so it is
     # trained in full and saved with the adapter.
@@ -222,6 +224,7 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
         target_modules=list(target_modules) if target_modules else None,
     )
     try:
-        return get_peft_model(model, config)
+        with peft_wrap():
+            return get_peft_model(model, config)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise LoratuneError(f"lora.target_modules={','.join(target_modules or [])}: {str(exc).splitlines()[0][:200]}") from None
