@@ -77,3 +77,69 @@ def test_loading_a_trained_encoder_adapter_through_the_python_api_is_quiet(tiny_
         assert clf.predict(["my card was charged twice"])[0].label in LABELS
     assert "LOAD REPORT" not in output() and "newly initialized" not in output(), output()
     assert "FutureWarning" not in output(), output()
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress bars
+
+
+def drive_training_bar(steps: int) -> None:
+    """The training bar's callback through a run of ``steps`` steps, each logged (logging_steps=1)."""
+    from types import SimpleNamespace
+
+    from loratune.callbacks import ProgressBar
+
+    callback = ProgressBar(print)
+    args = SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1, world_size=1)
+    state = SimpleNamespace(is_world_process_zero=True, max_steps=steps, global_step=0, epoch=0.0)
+    callback.on_train_begin(args, state, None)
+    for step in range(1, steps + 1):
+        state.global_step = step
+        callback.on_step_end(args, state, None)
+        callback.on_log(args, state, None, logs={"loss": 1.0 / step, "learning_rate": 1e-3})
+    callback.on_train_end(args, state, None)
+
+
+def test_training_bar_written_to_a_file_redraws_rarely(capsys):
+    drive_training_bar(500)
+    err = capsys.readouterr().err  # pytest's stderr is not a terminal, like a redirect to a file
+    assert "train: 100%" in err and "500/500" in err
+    assert err.count("\r") <= 4, err.count("\r")  # start, end, close: not one per logged step
+
+
+def test_training_bar_keeps_its_figures_in_80_columns():
+    import io
+
+    from loratune.callbacks import postfix
+    from loratune.console import progress
+
+    bar = progress(27500, "train", "step", rate=False, file=io.StringIO())
+    bar.update(12345)
+    figures = postfix(1.6726, 2e-4, 12345.6)
+    bar.set_postfix_str(figures, refresh=False)
+    line = bar.format_meter(**{**bar.format_dict, "ncols": 80})
+    bar.close()
+    assert len(line) <= 80 and line.endswith(figures + "]") and "12345/27500" in line
+
+
+@pytest.mark.integration
+def test_validation_has_a_bar_and_the_last_evaluation_prints_once(tiny_t5, small_data, tmp_path, monkeypatch, capfd):
+    import loratune.train
+    from loratune.console import progress
+
+    bars = []
+
+    def recording(total, desc, unit="example", **kwargs):
+        bar = progress(total, desc, unit, **kwargs)
+        bars.append(bar)
+        return bar
+
+    monkeypatch.setattr(loratune.train, "progress", recording)
+    # Evaluated at every step; a learning rate too small to change a prediction, so the last evaluation is
+    # not the best one (the case that used to evaluate the final step a second time).
+    cfg = tiny_config(tiny_t5, small_data, tmp_path / "run", max_steps=3, eval_steps=1, lr=1e-9)
+    loratune.train.train(cfg, echo=lambda *a, **k: None)
+    lines = [line for line in capfd.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
+    n_val = len(small_data["val"].read_text().splitlines())
+    assert [(b.desc, b.total, b.n) for b in bars] == [("validate", n_val, n_val)] * 3
