@@ -143,3 +143,57 @@ def test_validation_has_a_bar_and_the_last_evaluation_prints_once(tiny_t5, small
     assert [line.split()[1] for line in lines] == ["1", "2", "3"], lines
     n_val = len(small_data["val"].read_text().splitlines())
     assert [(b.desc, b.total, b.n) for b in bars] == [("validate", n_val, n_val)] * 3
+
+
+# --------------------------------------------------------------------------------------------------
+# -h: switches and defaults
+
+
+def cli_commands() -> dict:
+    import typer
+
+    from loratune.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def test_every_boolean_is_a_switch_and_the_tri_states_stay_unset_unless_given():
+    switches = 0
+    for name, command in cli_commands().items():
+        for param in command.params:
+            if not getattr(param, "is_flag", False) or param.name == "help":
+                continue
+            flag = param.opts[0]
+            if param.secondary_opts:  # --x/--no-x: left out means "the config / detection decides"
+                switches += 1
+                no_flag = param.secondary_opts[0]
+                assert no_flag == "--no-" + flag[2:], (name, no_flag)
+                parsed = [command.make_context(name, args, resilient_parsing=True).params[param.name] for args in ([], [flag], [no_flag])]
+                assert parsed == [None, True, False], (name, flag, parsed)
+            else:  # an action (--json, --resume, --quick): off unless given
+                assert command.make_context(name, [], resilient_parsing=True).params[param.name] is False, (name, flag)
+    assert switches == 7  # --multi-label: inspect, train, predict, evaluate; --allow-empty: predict, evaluate, calibrate
+
+
+def test_help_shows_switches_and_defaults_not_bool_values(capsys, monkeypatch):
+    from conftest import run_main
+
+    monkeypatch.setenv("COLUMNS", "200")  # one option per line
+
+    for name in cli_commands():
+        code, out, _ = run_main([name, "-h"], capsys)
+        assert code == 0
+        assert [line for line in out.splitlines() if "<bool>" in line and "--help" not in line] == [], name
+    _, train_help, _ = run_main(["train", "-h"], capsys)
+    assert "--no-multi-label" in train_help and "(detected from the data)" in train_help
+    for shown in ("(5.0)", "(16)", "(0.001)", "(outputs/lora)", "(google/flan-t5-small"):
+        assert shown in train_help, shown
+    _, serve_help, _ = run_main(["serve", "-h"], capsys)
+    assert "(4000)" in serve_help and "(127.0.0.1)" in serve_help
+
+
+def test_a_value_after_a_switch_is_a_usage_error(capsys):
+    from conftest import run_main
+
+    code, _, err = run_main(["predict", "hello", "--adapter", "x", "--multi-label", "false"], capsys)
+    assert code == 2 and "false" in err

@@ -28,9 +28,14 @@ def serve(
     mode: opt.ModeOpt = None,
     batch_size: opt.BatchOpt = None,
     host: Annotated[
-        Optional[str], typer.Option("--host", help="Interface to bind: 127.0.0.1 (default) stays local, 0.0.0.0 exposes the server.")
+        Optional[str],
+        typer.Option(
+            "--host", help="Interface to bind: 127.0.0.1 stays local, 0.0.0.0 exposes the server.", show_default=opt.default("serve.host")
+        ),
     ] = None,
-    port: Annotated[Optional[int], typer.Option("--port", help="Port (default 8000; 0 picks a free one).")] = None,
+    port: Annotated[
+        Optional[int], typer.Option("--port", help="Port (0 picks a free one).", show_default=opt.default("serve.port"))
+    ] = None,
     api_key: Annotated[
         Optional[str],
         typer.Option(
@@ -40,13 +45,31 @@ def serve(
             help="Require 'Authorization: Bearer KEY' on all routes but /healthz and /readyz (prefer the env var: flags show in ps).",
         ),
     ] = None,
-    max_chars: Annotated[Optional[int], typer.Option("--max-chars", help="Longest text accepted, in characters.")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="Most texts accepted in one request.")] = None,
+    max_chars: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-chars", help="Longest text accepted, in characters (longer: 422).", show_default=opt.default("serve.max_chars")
+        ),
+    ] = None,
+    max_batch: Annotated[
+        Optional[int],
+        typer.Option("--max-batch", help="Most texts accepted in one request (more: 422).", show_default=opt.default("serve.max_batch")),
+    ] = None,
     max_wait_ms: Annotated[
-        Optional[float], typer.Option("--max-wait-ms", help="How long a request waits for others to share its forward pass.")
+        Optional[float],
+        typer.Option(
+            "--max-wait-ms",
+            help="How long a request waits for others to share its forward pass.",
+            show_default=opt.default("serve.max_wait_ms"),
+        ),
     ] = None,
     max_queue: Annotated[
-        Optional[int], typer.Option("--max-queue", help="Most texts waiting for a forward pass; beyond it: 503 with Retry-After.")
+        Optional[int],
+        typer.Option(
+            "--max-queue",
+            help="Most texts waiting for a forward pass; beyond it: 503 with Retry-After.",
+            show_default=opt.default("serve.max_queue"),
+        ),
     ] = None,
     sets: opt.SetOpt = None,
 ):
@@ -109,7 +132,9 @@ def _benchmarks_run():
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: fewer tickets and sizes (< 2 min on 2 CPU cores).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Smoke run: fewer tickets and sizes (< 2 min on 2 CPU cores).", metavar=opt.NO_VALUE)
+    ] = False,
     output_dir: Annotated[
         Optional[str], typer.Option("--output-dir", "--out", help="Results directory (default: benchmarks/results).")
     ] = None,
