@@ -197,3 +197,33 @@ def test_a_value_after_a_switch_is_a_usage_error(capsys):
 
     code, _, err = run_main(["predict", "hello", "--adapter", "x", "--multi-label", "false"], capsys)
     assert code == 2 and "false" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# loratune bench: a missed target fails the command
+
+
+@pytest.mark.parametrize("met", [True, False])
+def test_bench_exits_1_naming_the_targets_not_met(met, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from conftest import run_main
+
+    from loratune import cli_tools
+
+    real = cli_tools._benchmarks_run()  # benchmarks/run.py of this checkout: its own missed-target logic
+    targets = [
+        {"target": "score (fast) >= 5x per-ticket generate", "value": 29.9, "threshold": 5.0, "unit": "x", "met": True},
+        {"target": "training >= 2x naive", "value": 1.5, "threshold": 2.0, "unit": "x", "met": met},
+    ]
+    fake = SimpleNamespace(
+        run=lambda **kwargs: {"mode": "quick", "targets": targets}, missed_targets=real.missed_targets, missed_line=real.missed_line
+    )
+    monkeypatch.setattr(cli_tools, "_benchmarks_run", lambda: fake)
+    code, out, err = run_main(["bench", "--quick"], capsys)
+    assert "benchmark targets (quick run)" in out
+    if met:
+        assert code == 0 and "NOT MET" not in err
+    else:
+        assert code == 1
+        assert err.strip().splitlines()[-1] == "1 of 2 benchmark targets NOT MET: training >= 2x naive"
