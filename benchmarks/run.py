@@ -1,7 +1,7 @@
 """Speed and memory of loratune on flan-t5-small's exact shape: training and prediction, side by side.
 
     python -m benchmarks.run                     # full run, ~15-25 min on 2 CPU cores -> benchmarks/results/
-    python -m benchmarks.run --quick             # smoke run, ~1-2.5 min on 2 CPU cores (no OpenMP A/B)
+    python -m benchmarks.run --quick             # smoke run, ~50 s of CPU time (2 min 16 s wall at load 7); no OpenMP A/B
     loratune bench [--quick] [--output-dir DIR]  # the same through the CLI
     python -m benchmarks.run --device cuda       # on a GPU (adds torch.cuda.max_memory_allocated)
 

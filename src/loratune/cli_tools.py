@@ -134,7 +134,7 @@ def _benchmarks_run():
 def bench(
     quick: Annotated[
         bool,
-        typer.Option("--quick", help="Smoke run: fewer tickets and sizes, no OpenMP A/B (1-2.5 min on 2 CPU cores).", metavar=opt.NO_VALUE),
+        typer.Option("--quick", help="Smoke run: fewer tickets and sizes, no OpenMP A/B (about 50 s of CPU time).", metavar=opt.NO_VALUE),
     ] = False,
     output_dir: Annotated[
         Optional[str], typer.Option("--output-dir", "--out", help="Results directory (default: benchmarks/results).")
