@@ -50,6 +50,20 @@ def test_loading_an_encoder_and_wrapping_it_with_lora_prints_no_warnings(tiny_en
     assert "is_gradient_checkpointing" not in output()
 
 
+def test_loading_a_t5_with_its_own_lm_head_prints_no_tying_warning(tiny_t5):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from loratune.models import load_base
+    from loratune.quiet import UNTIED_T5_HEAD
+
+    with library_output() as output:
+        AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5))
+    assert UNTIED_T5_HEAD in output()  # the control: transformers alone warns
+    with library_output() as output:
+        load_base(str(tiny_t5))
+    assert "tied weights" not in output() and "FutureWarning" not in output(), output()
+
+
 def test_only_a_report_of_the_head_alone_is_dropped():
     from loratune.quiet import head_only_report
 
