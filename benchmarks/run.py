@@ -1,7 +1,7 @@
 """Speed and memory of loratune on flan-t5-small's exact shape: training and prediction, side by side.
 
     python -m benchmarks.run                     # full run, ~15-25 min on 2 CPU cores -> benchmarks/results/
-    python -m benchmarks.run --quick             # smoke run, < 2 min on 2 CPU cores
+    python -m benchmarks.run --quick             # smoke run, ~50 s of CPU time (2 min 16 s wall at load 7); no OpenMP A/B
     loratune bench [--quick] [--output-dir DIR]  # the same through the CLI
     python -m benchmarks.run --device cuda       # on a GPU (adds torch.cuda.max_memory_allocated)
 
@@ -94,6 +94,10 @@ class Settings:
     train_samples: int
     """loratune's training run: one epoch over this many tickets."""
     naive_train_steps: int
+    naive_batch: int = 8
+    """The tutorial-style baseline's batch (every example padded to 512 tokens)."""
+    policy_ab: bool = True
+    """The OpenMP wait-policy A/B in fresh processes (each loads torch and the model: minutes on a loaded machine)."""
     seed: int = 0
 
     @classmethod
@@ -110,6 +114,8 @@ class Settings:
                 n_fp64=2,
                 train_samples=16,
                 naive_train_steps=1,
+                naive_batch=4,
+                policy_ab=False,
             )
         return cls(
             quick=False,
@@ -540,7 +546,7 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
         rows.append(row)
         del model
 
-        # A tutorial setup: every input padded to 512, random order, batch 8, the stock model.
+        # A tutorial setup: every input padded to 512, random order, batch 8 (quick: 4), the stock model.
         padded = [
             {
                 **f,
@@ -551,7 +557,7 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
         ]
         naive_args = TrainingArguments(
             output_dir=str(Path(tmp) / "b"),
-            per_device_train_batch_size=8,
+            per_device_train_batch_size=s.naive_batch,
             max_steps=s.naive_train_steps,
             learning_rate=cfg.train.lr,
             train_sampling_strategy="random",
@@ -565,12 +571,12 @@ def training_rows(s: Settings, stock, tokenizer, prompts, device, echo) -> list[
             seed=cfg.train.seed,
         )
         model = attach_lora(copy.deepcopy(stock), "seq2seq", lora.r, lora.alpha, lora.dropout, lora.target_modules)
-        echo(f"  training, naive baseline: {s.naive_train_steps} steps of 8 samples padded to 512")
+        echo(f"  training, naive baseline: {s.naive_train_steps} steps of {s.naive_batch} samples padded to 512")
         with PeakMemory(device) as mem:
             rate = train_rate(model, tokenizer, padded, naive_args, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX))
         row = {
             "name": "naive baseline",
-            "batch": 8,
+            "batch": s.naive_batch,
             "padding": "max_length 512",
             "sampler": "random",
             "precision": precision,
@@ -819,7 +825,7 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
     echo("training:")
     training = training_rows(s, stock, tokenizer, prompts, dev, echo)
     policies = None
-    if dev.type == "cpu":
+    if dev.type == "cpu" and s.policy_ab:
         echo("OpenMP wait policy (fresh processes):")
         policies = policy_rows(s, echo)
 
@@ -1009,7 +1015,7 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: fewer tickets and sizes (< 2 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer tickets and sizes, no OpenMP A/B")
     parser.add_argument("--out", "--output-dir", dest="out", default=None, help=f"results directory (default {DEFAULT_OUT})")
     parser.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # one policy_rows measurement
@@ -1019,7 +1025,20 @@ def main(argv: list[str] | None = None) -> None:
         warnings.simplefilter("ignore")
         print(json.dumps(probe(args.quick)))
         return
-    run(quick=args.quick, out=args.out, device=args.device, echo=lambda *a: print(*a, file=sys.stderr, flush=True))
+    results = run(quick=args.quick, out=args.out, device=args.device, echo=lambda *a: print(*a, file=sys.stderr, flush=True))
+    if missed_targets(results):
+        print(missed_line(results), file=sys.stderr)
+        sys.exit(1)
+
+
+def missed_targets(results: dict) -> list[str]:
+    """The targets a run did not meet (a run that misses one exits 1, from here and from ``loratune bench``)."""
+    return [t["target"] for t in results["targets"] if not t["met"]]
+
+
+def missed_line(results: dict) -> str:
+    missed = missed_targets(results)
+    return f"{len(missed)} of {len(results['targets'])} benchmark targets NOT MET: " + "; ".join(missed)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,40 @@ def test_metrics_agree_with_scikit_learn_and_count_invalid():
     assert m["macro_f1"] == pytest.approx(f1_score(gold, pred, labels=labels, average="macro"))
     assert m["confusion_matrix"]["columns"] == ["a", "b", "c", INVALID]
     assert m["confusion_matrix"]["values"][2] == [0, 0, 1, 1]  # one "c" came out invalid
+    assert m["confusion_matrix"]["row_shares"] == [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]
+
+
+def test_no_invalid_column_where_no_prediction_can_be_invalid():
+    gold, pred = ["a", "a", "a", "a", "b"], ["a", "a", "a", "b", "b"]
+    m = compute_metrics(gold, pred, ["a", "b"])  # score mode, the baseline: always a label
+    assert m["confusion_matrix"]["columns"] == ["a", "b"]
+    assert m["confusion_matrix"]["row_shares"] == [[0.75, 0.25], [0.0, 1.0]]
+    assert compute_metrics(gold, pred, ["a", "b"], invalid_column=True)["confusion_matrix"]["columns"] == ["a", "b", INVALID]
+    # A label with no examples gets a row of zeros, not NaN.
+    assert compute_metrics(gold, pred, ["a", "b", "c"])["confusion_matrix"]["row_shares"][2] == [0.0, 0.0, 0.0]
+
+
+def test_confusion_figure_shows_counts_beside_row_shares(tmp_path):
+    import numpy as np
+
+    from loratune.evaluate import confusion_figure, report_markdown
+
+    # A dominant class: 90 "a", 10 "b", half of the b's wrong.
+    gold, pred = ["a"] * 90 + ["b"] * 10, ["a"] * 90 + ["b"] * 5 + ["a"] * 5
+    m = compute_metrics(gold, pred, ["a", "b"])
+    fig = confusion_figure(m, "t")
+    counts, shares = (ax.images[0].get_array() for ax in fig.axes if ax.images)
+    assert np.array_equal(counts, [[90, 0], [5, 5]]) and np.allclose(shares, [[1.0, 0.0], [0.5, 0.5]])
+    assert [ax.get_title() for ax in fig.axes if ax.images] == ["count", "share of the true label"]
+    report = {
+        "dataset": "d",
+        "n": 100,
+        "labels": ["a", "b"],
+        "disagreements": {},
+        "results": [{"model": "m", "mode": "score", **m, "ms_per_example": 1.0, "examples_per_s": 1.0}],
+    }
+    md = report_markdown(report)
+    assert "| b | 5 (50%) | 5 (50%) |" in md and "invalid" not in md.split("Confusion matrix")[1]
 
 
 def test_evaluate_and_report_files(trained, small_data, tmp_path):
@@ -50,7 +84,9 @@ def test_evaluate_and_report_files(trained, small_data, tmp_path):
         for i, label in enumerate(tuned.labels):
             assert r["per_label"][label]["recall"] == pytest.approx(rec[i])
             assert r["per_label"][label]["support"] == s[i]
-        cm = confusion_matrix(gold, pred, labels=tuned.labels + [INVALID])[: len(tuned.labels)]
+        columns = tuned.labels + ([INVALID] if r["mode"] == "generate" else [])  # score mode cannot miss every label
+        assert r["confusion_matrix"]["columns"] == columns
+        cm = confusion_matrix(gold, pred, labels=columns)[: len(tuned.labels)]
         assert r["confusion_matrix"]["values"] == cm.tolist()
         assert r["examples_per_s"] > 0 and r["ms_per_example"] > 0
         png = out / r["confusion_png"]

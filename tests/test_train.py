@@ -173,7 +173,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tiny_t5, small_data, tmp_
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if "samples_s=" in line or "step 8" in line:
+        if "ex/s" in line or "step 8" in line:
             proc.send_signal(signal.SIGINT)
             break
     output = "".join(lines) + proc.communicate(timeout=120)[0]

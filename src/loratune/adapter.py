@@ -213,6 +213,7 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
     from transformers import AutoTokenizer
 
     from .models import LoadedModel, load_base
+    from .quiet import peft_wrap
 
     adapter_dir = Path(adapter_dir)
     meta = AdapterMeta.read(adapter_dir)
@@ -229,7 +230,8 @@ def load_adapter(adapter_dir: str | Path, base_model: str | None = None, dtype=N
             f"architecture or vocabulary; pass --model with the adapter's base model"
         )
     try:
-        model = PeftModel.from_pretrained(base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+        with peft_wrap():
+            model = PeftModel.from_pretrained(base.model, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
     except (SafetensorError, RuntimeError, ValueError, OSError, KeyError, TypeError) as exc:
         raise LoratuneError(f"cannot load adapter {adapter_dir}: {str(exc).splitlines()[0][:300]}") from None
     tokenizer = _adapter_tokenizer(AutoTokenizer, adapter_dir)  # the tokenizer it was trained with

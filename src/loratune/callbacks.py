@@ -84,6 +84,10 @@ class InterruptToCheckpoint(TrainerCallback):
             control.should_training_stop = True
 
 
+def postfix(loss: float, lr: float, examples_per_s: float) -> str:
+    return f"loss {loss:.4f} lr {lr:.1e} {examples_per_s:.1f} ex/s"
+
+
 class ProgressBar(TrainerCallback):
     """A tqdm bar with the running loss, learning rate and samples/s; evaluation results on their own line."""
 
@@ -93,10 +97,10 @@ class ProgressBar(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            from tqdm.auto import tqdm
+            from .console import progress
 
             self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = progress(state.max_steps, "train", "step", initial=state.global_step, rate=False)
             self.start, self.first_step = time.perf_counter(), state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -108,7 +112,8 @@ class ProgressBar(TrainerCallback):
             return
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         rate = (state.global_step - self.first_step) * self.samples_per_step / elapsed
-        self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", samples_s=f"{rate:.1f}")
+        # Shown at the bar's next redraw: redrawing here would bypass the bar's throttle (one log line per log).
+        self.bar.set_postfix_str(postfix(logs["loss"], logs.get("learning_rate", 0.0), rate), refresh=False)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.bar is not None and metrics:

@@ -78,17 +78,27 @@ def train_cmd(
     label_field: opt.LabelFieldOpt = None,
     labels: opt.LabelsOpt = None,
     multi_label: opt.MultiLabelOpt = None,
-    output_dir: opt.OutputOpt = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
-    batch_size: opt.BatchOpt = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.")] = None,
-    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.")] = None,
-    lora_alpha: Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha (scale = alpha/r).")] = None,
+    output_dir: opt.TrainOutputOpt = None,
+    epochs: Annotated[
+        Optional[float], typer.Option("--epochs", help="Passes over the training data.", show_default=opt.default("train.epochs"))
+    ] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps (overrides --epochs).", show_default="none")
+    ] = None,
+    batch_size: Annotated[
+        Optional[int], typer.Option("--batch-size", help="Training examples per step.", show_default=opt.default("train.batch_size"))
+    ] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", show_default=opt.default("train.lr"))] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank.", show_default=opt.default("lora.r"))] = None,
+    lora_alpha: Annotated[
+        Optional[int], typer.Option("--lora-alpha", help="LoRA alpha (scale = alpha/r).", show_default=opt.default("lora.alpha"))
+    ] = None,
     seed: opt.SeedOpt = None,
-    save_steps: Annotated[Optional[int], typer.Option("--save-steps", help="Checkpoint every N steps.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output-dir.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an unfinished run.")] = False,
+    save_steps: Annotated[
+        Optional[int], typer.Option("--save-steps", help="Checkpoint every N steps.", show_default=opt.default("train.save_steps"))
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output-dir.", metavar=opt.NO_VALUE)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Discard checkpoints of an unfinished run.", metavar=opt.NO_VALUE)] = False,
     task: opt.TaskOpt = None,
     input_name: opt.InputNameOpt = None,
     id_field: opt.IdFieldOpt = None,
@@ -136,8 +146,10 @@ def train_cmd(
 def demo(
     model: opt.ModelOpt = None,
     config: opt.ConfigOpt = None,
-    output_dir: opt.OutputOpt = None,
-    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Passes over the training data.")] = None,
+    output_dir: opt.DemoOutputOpt = None,
+    epochs: Annotated[
+        Optional[float], typer.Option("--epochs", help="Passes over the training data (default: sized to the model).")
+    ] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps.")] = None,
     sets: opt.SetOpt = None,
 ):

@@ -106,7 +106,7 @@ def evaluate(
     labels: opt.LabelsOpt = None,
     mode: opt.ModeOpt = None,
     batch_size: opt.BatchOpt = None,
-    output_dir: opt.OutputOpt = None,
+    output_dir: opt.EvalOutputOpt = None,
     json_out: opt.JsonOpt = False,
     sets: opt.SetOpt = None,
     multi_label: opt.MultiLabelOpt = None,
@@ -177,9 +177,11 @@ def compare(
     test: opt.TestOpt = None,
     text_field: opt.TextFieldOpt = None,
     label_field: opt.LabelFieldOpt = None,
-    mode: opt.ModeOpt = None,
+    mode: Annotated[
+        Optional[str], typer.Option("--mode", help="score (rank labels), generate (free text) or both.", show_default="both")
+    ] = None,
     batch_size: opt.BatchOpt = None,
-    output_dir: opt.OutputOpt = None,
+    output_dir: opt.CompareOutputOpt = None,
     json_out: opt.JsonOpt = False,
     sets: opt.SetOpt = None,
     min_confidence: opt.MinConfidenceOpt = None,

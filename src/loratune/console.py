@@ -19,10 +19,41 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show real progress
 
 
-def progress(total: int, desc: str, unit: str = "example"):
+NOT_A_TTY_INTERVAL_S = 30.0
+"""Seconds between redraws of a bar whose stream is a file or a pipe: a log gets a line now and then, not hundreds."""
+
+
+def progress(
+    total: int, desc: str, unit: str = "example", *, initial: int = 0, leave: bool = True, delay: float = 0.0, file=None, rate=True
+):
+    """A tqdm bar on stderr. On a terminal it redraws ten times a second; to a file or pipe every
+    NOT_A_TTY_INTERVAL_S seconds (and at the end). ``rate=False`` leaves out tqdm's items/s, for bars that show
+    their own speed in the postfix (which comes last, so a narrow terminal shortens the bar, not the figures)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    file = file or sys.stderr
+    tty = _isatty(file)
+    speed = ", {rate_fmt}" if rate else ""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=file,
+        leave=leave,
+        delay=delay,
+        dynamic_ncols=tty,
+        mininterval=0.1 if tty else NOT_A_TTY_INTERVAL_S,
+        maxinterval=10.0 if tty else NOT_A_TTY_INTERVAL_S,
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}" + speed + "{postfix}]",
+    )
+
+
+def _isatty(file) -> bool:
+    try:
+        return bool(file.isatty())
+    except (AttributeError, ValueError):  # closed or not a real stream
+        return False
 
 
 def print_predictions(texts, predictions, mode: str, top_k: int | None) -> None:

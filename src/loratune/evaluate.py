@@ -35,18 +35,22 @@ class EvalResult:
     predictions: list[Prediction] = field(repr=False)
 
 
-def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict:
-    """Accuracy, macro/weighted F1, per-label P/R/F1/support and the confusion matrix (scikit-learn).
+def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str], invalid_column: bool | None = None) -> dict:
+    """Accuracy, macro/weighted F1, per-label P/R/F1/support and the confusion matrix (scikit-learn), with each
+    row also as shares of the true label's examples (``row_shares``: a dominant class does not wash out the rest).
 
-    A prediction outside ``labels`` (``invalid``) counts as wrong; the matrix gets an ``invalid`` column.
+    A prediction outside ``labels`` (``invalid``) counts as wrong. The matrix has an ``invalid`` column when
+    ``invalid_column`` (generate mode, where free text can miss every label); None: when a prediction is invalid.
     """
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
     labels = list(labels)
     precision, recall, f1, support = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
-    columns = labels + [INVALID]
-    matrix = confusion_matrix(gold, pred, labels=columns)[: len(labels)]
     n_invalid = sum(p == INVALID for p in pred)
+    columns = labels + ([INVALID] if invalid_column or n_invalid else [])
+    matrix = confusion_matrix(gold, pred, labels=columns)[: len(labels)]
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     return {
         "n": len(gold),
         "accuracy": float(accuracy_score(gold, pred)),
@@ -57,7 +61,7 @@ def compute_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[s
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, support)
         },
-        "confusion_matrix": {"rows": labels, "columns": columns, "values": matrix.tolist()},
+        "confusion_matrix": {"rows": labels, "columns": columns, "values": matrix.tolist(), "row_shares": shares.round(4).tolist()},
     }
 
 
@@ -130,7 +134,7 @@ def evaluate(
             metrics.update(threshold=classifier.threshold, allow_empty=classifier.settings.allow_empty)
     else:
         gold, pred = [e.label for e in examples], [p.label for p in predictions]
-        metrics = compute_metrics(gold, pred, classifier.labels)
+        metrics = compute_metrics(gold, pred, classifier.labels, invalid_column=mode == "generate")
         if classifier.settings.fallback_label:
             metrics.update(
                 abstain_metrics(gold, pred, classifier.settings.fallback_label), min_confidence=classifier.settings.min_confidence
@@ -212,13 +216,13 @@ def report_markdown(report: dict) -> str:
             continue
         lines += [
             "",
-            "Confusion matrix (rows: true label, columns: predicted):",
+            "Confusion matrix (rows: true label, columns: predicted; count and share of the true label's examples):",
             "",
             "| true \\ pred | " + " | ".join(cm["columns"]) + " |",
             "|---" * (len(cm["columns"]) + 1) + "|",
         ]
-        for row_label, row in zip(cm["rows"], cm["values"]):
-            lines.append(f"| {row_label} | " + " | ".join(str(v) for v in row) + " |")
+        for row_label, row, shares in zip(cm["rows"], cm["values"], cm["row_shares"]):
+            lines.append(f"| {row_label} | " + " | ".join(f"{v} ({100 * f:.0f}%)" for v, f in zip(row, shares)) + " |")
         lines.append("")
     lines += _disagreement_lines(report)
     return "\n".join(lines)
@@ -281,29 +285,41 @@ def _disagreement_lines(report: dict) -> list[str]:
     return lines
 
 
-def plot_confusion(metrics: dict, title: str, path: Path) -> None:
+def confusion_figure(metrics: dict, title: str):
+    """Counts (left) and the same matrix as shares of each true label's examples (right), on one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     cm = metrics["confusion_matrix"]
-    values = np.array(cm["values"])
+    counts, shares = np.array(cm["values"]), np.array(cm["row_shares"])
+    n_rows, n_cols = len(cm["rows"]), len(cm["columns"])
     # Capped: at 150 labels the figure would be tens of thousands of pixels wide.
-    fig, ax = plt.subplots(figsize=(min(1.1 * len(cm["columns"]) + 2.5, 24), min(0.9 * len(cm["rows"]) + 2.0, 20)))
-    image = ax.imshow(values, cmap="Blues")
-    ax.set_xticks(range(len(cm["columns"])), cm["columns"], rotation=40, ha="right")
-    ax.set_yticks(range(len(cm["rows"])), cm["rows"])
-    ax.set_xlabel("predicted label")
-    ax.set_ylabel("true label")
-    ax.set_title(title)
-    threshold = values.max() / 2 if values.size else 0
-    if len(cm["rows"]) <= 30:
-        for (i, j), v in np.ndenumerate(values):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > threshold else "black")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    width, height = min(1.1 * n_cols + 2.5, 24), min(0.9 * n_rows + 2.0, 20)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * width, height))
+    panels = ((counts, "count", None, lambda v: str(v)), (shares, "share of the true label", 1.0, lambda v: f"{100 * v:.0f}%"))
+    for ax, (values, what, vmax, text) in zip(axes, panels):
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+        ax.set_xticks(range(n_cols), cm["columns"], rotation=40, ha="right")
+        ax.set_yticks(range(n_rows), cm["rows"])
+        ax.set_xlabel("predicted label")
+        ax.set_ylabel("true label")
+        ax.set_title(what)
+        threshold = (vmax or (values.max() if values.size else 0)) / 2
+        if n_rows <= 30:
+            for (i, j), v in np.ndenumerate(values):
+                ax.text(j, i, text(v), ha="center", va="center", color="white" if v > threshold else "black")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_confusion(metrics: dict, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(metrics, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -214,6 +214,7 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
     from peft import LoraConfig, get_peft_model
 
     from .config import ALL_LINEAR
+    from .quiet import peft_wrap
 
     # target_modules=None lets PEFT pick its per-architecture default (T5: q, v; Llama: q_proj, v_proj;
     # GPT-2: c_attn; BERT: query, value); PEFT reads "all-linear" only as a string, never inside a list.
@@ -229,6 +230,7 @@ def attach_lora(model, family: str, r: int, alpha: int, dropout: float, target_m
         use_dora=use_dora,
     )
     try:
-        return get_peft_model(model, config)
+        with peft_wrap():
+            return get_peft_model(model, config)
     except ValueError as exc:  # e.g. "Target modules {...} not found in the base model"
         raise LoratuneError(f"lora.target_modules={','.join(target_modules or [])}: {str(exc).splitlines()[0][:200]}") from None

@@ -54,6 +54,7 @@ from .checkpoints import (
 )
 from .class_weights import WeightedCollator, class_weights
 from .config import Config, apply_family_defaults, report_to_list, validate
+from .console import progress
 from .data import Splits, example_labels, label_counts, load_splits
 from .errors import LoratuneError
 from .families import family_class
@@ -209,8 +210,9 @@ def train(
     if stop.requested:
         say(f"interrupted at step {trainer.state.global_step}: checkpoint saved in {ckpt_dir}; continue with --resume (same command)")
         return TrainResult(out / FINAL, {}, interrupted=True)
-    if best.step != trainer.state.global_step:
-        trainer.evaluate()  # the last steps were never evaluated (e.g. --max-steps inside an epoch)
+    evaluated = {h.get("step") for h in trainer.state.log_history if "eval_loss" in h}
+    if trainer.state.global_step not in evaluated:
+        trainer.evaluate()  # the last steps were never evaluated (the Trainer usually does; once is enough)
 
     # 4. Output: the best adapter + tokenizer + metadata, swapped in atomically.
     metrics = {
@@ -343,9 +345,12 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
         was_training = model.training
         model.eval()
         self.validator.family.invalidate()  # the weights moved since the last evaluation
+        # Scoring hundreds of validation texts takes a while: a bar under the training bar (gone when done).
+        bar = progress(len(texts), "validate", self.validator.spec.input_name, leave=False, delay=1.0) if rank == 0 else None
+        tick = bar.update if bar is not None else None
         try:
             if self.validator.multi_label:
-                pred = torch.from_numpy(decide_labels(self.validator.predict_proba(texts)))
+                pred = torch.from_numpy(decide_labels(self.validator.predict_proba(texts, progress=tick)))
                 # True positives, false positives, false negatives, exact sets, examples.
                 counts = [
                     float((pred & gold).sum()),
@@ -355,9 +360,11 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
                     float(len(gold)),
                 ]
             else:
-                counts = [float((self.validator.score(texts).argmax(1) == gold).sum()), float(len(gold))]
+                counts = [float((self.validator.score(texts, progress=tick).argmax(1) == gold).sum()), float(len(gold))]
         finally:
             model.train(was_training)
+            if bar is not None:
+                bar.close()
         total = torch.tensor(counts, dtype=torch.float64)
         if world > 1 and dist.is_initialized():
             total = total.to(self.args.device)

@@ -15,6 +15,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import LoratuneError
+from ..quiet import expected_new_head
 from .common import Encoded, Family, batches_by_length, right_pad
 
 HEAD_SEED = 0
@@ -89,7 +90,7 @@ class EncoderFamily(Family):
         config.pad_token_id = tokenizer.pad_token_id
         try:
             # The head is new (random); a private RNG makes it reproducible without touching the caller's seed.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), expected_new_head():
                 torch.manual_seed(HEAD_SEED)
                 return AutoModelForSequenceClassification.from_pretrained(source, config=config, **kwargs)
         except ValueError as exc:

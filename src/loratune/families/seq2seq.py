@@ -149,7 +149,10 @@ class Seq2SeqFamily(Family):
     def load_model(cls, source, config, tokenizer, labels, **kwargs):
         from transformers import AutoModelForSeq2SeqLM
 
-        return AutoModelForSeq2SeqLM.from_pretrained(source, config=config, **kwargs)
+        from ..quiet import expected_untied_t5_head
+
+        with expected_untied_t5_head():  # flan-t5's own LM head is kept apart from the embeddings, as it should be
+            return AutoModelForSeq2SeqLM.from_pretrained(source, config=config, **kwargs)
 
     def encode(self, texts, targets=None) -> Encoded:
         prompts = self.prompt_ids(texts)
