@@ -105,7 +105,14 @@ class Server:
         raise SystemExit("the server did not become ready:\n" + "".join(self.lines[-20:]))
 
     def rss_mb(self) -> float:
-        return self.ps.memory_info().rss / 2**20
+        """The server's resident memory, with its model process (and any other child)."""
+        total = 0
+        for proc in [self.ps, *self.ps.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass  # a child that just ended
+        return total / 2**20
 
     def stats(self) -> dict:
         async def get():

@@ -312,12 +312,14 @@ def test_serve_passes_threshold_and_allow_empty_from_the_config(trained, tmp_pat
 
     adapter = trained.adapter_dir
     other = shutil.copytree(adapter, tmp_path / "other")
-    cfg = load_config(overrides={"predict.threshold": 0.85, "predict.allow_empty": True, "predict.batch_size": 3})
+    # In this process, to read the classifiers' settings (tests/test_serve_admission.py covers the model process).
+    overrides = {"predict.threshold": 0.85, "predict.allow_empty": True, "predict.batch_size": 3, "serve.model_process": False}
+    cfg = load_config(overrides=overrides)
     for adapters in ({"default": adapter}, {"a": adapter, "b": other}):  # merged single adapter; shared base
         pool = pool_loader(adapters, cfg)()
         assert [(c.threshold, c.settings.allow_empty, c.batch_size) for c in pool.classifiers.values()] == [(0.85, True, 3)] * len(adapters)
     # Unset, the adapter's own (calibrated or default) threshold stays.
-    pool = pool_loader({"default": adapter}, load_config())()
+    pool = pool_loader({"default": adapter}, load_config(overrides={"serve.model_process": False}))()
     assert pool.classifiers["default"].threshold == trained_threshold(adapter)
 
 

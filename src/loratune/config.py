@@ -187,6 +187,10 @@ class ServeConfig:
     """Most texts waiting for a forward pass; beyond it requests get a fast 503 with Retry-After."""
     read_timeout_s: float = 15.0
     """A request's headers and body must arrive within this many seconds of its first byte (else 408, closed)."""
+    model_process: bool = True
+    """Run the model in a child process, so forward passes never hold the server's GIL (docs/SERVING.md)."""
+    model_threads: int = 0
+    """Threads for forward passes in that process; 0: every core but one, which is left to the event loop."""
 
 
 @dataclass
@@ -381,6 +385,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"serve.max_queue must be >= 1 (got {cfg.serve.max_queue})")
     if not 0 < cfg.serve.read_timeout_s <= 3600:  # also refuses nan
         problems.append(f"serve.read_timeout_s must be in (0, 3600] seconds (got {cfg.serve.read_timeout_s})")
+    if not 0 <= cfg.serve.model_threads <= 1024:
+        problems.append(f"serve.model_threads must be in 0..1024, 0 for every core but one (got {cfg.serve.model_threads})")
     if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
         problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
     if not 0 <= cfg.train.seed <= MAX_SEED:  # inspect seeds the val split too

@@ -16,17 +16,20 @@ Modules: ``app`` (FastAPI routes), ``batcher`` (bounded micro-batching), ``schem
 h11 with read timeouts, TCP_NODELAY, JSON 400s and the 503 for a full queue), ``run`` (``loratune serve``).
 """
 
-from .app import create_app
+from .app import Admission, create_app
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .pool import ModelPool, check_adapters, load_pool, parse_adapter_specs
 from .run import listen, pool_loader, run, server_config
+from .worker import WorkerPool
 
 __all__ = [
+    "Admission",
     "DeadlineExceeded",
     "MicroBatcher",
     "ModelPool",
     "QueueFull",
     "ShuttingDown",
+    "WorkerPool",
     "check_adapters",
     "create_app",
     "listen",

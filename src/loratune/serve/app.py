@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .middleware import OPEN_PATHS, AccessLog, LimitBody, RequireApiKey, body_limit, overloaded
 from .pool import ModelPool
+from .protocol import raw_error
 from .schemas import (
     CODES,
     ApiError,
@@ -65,6 +66,7 @@ def create_app(
     state.pool = state.batcher = state.load_error = None
     state.closing = False
     state.requests = state.texts = state.forward_passes = state.in_flight = state.refused = 0
+    state.admission = Admission(app)  # asked by the HTTP layer (serve/protocol.py) before it parses a request
     _add_error_handlers(app)
     _add_probe_routes(app)
     _add_classify_route(app, classify_request_model(max_chars, max_batch), default_mode)
@@ -78,17 +80,38 @@ def create_app(
     return app
 
 
-def shed_when_full(app: FastAPI) -> Callable[[], ApiError | None]:
-    """For the HTTP layer: the 503 for a new classify request while ``app``'s queue is full, else None."""
+class Admission:
+    """Admission control for the HTTP layer, before a request is parsed (serve/protocol.py).
 
-    def shed() -> ApiError | None:
-        batcher = app.state.batcher
-        if batcher is None or not batcher.full():
+    Counts the classify requests let in and not yet answered. While that count reaches the queue's bound plus one
+    batch (those requests are queued, in the forward pass, or still on their way through the app), or the queue
+    itself is full, a new one gets a ready-made 503 ``overloaded`` with ``Retry-After`` and never reaches the app.
+    Counting requests, not just queued texts, matters under overload: requests accepted faster than the event
+    loop can bring them to the queue would otherwise all be let in, and wait in the loop instead of the queue.
+    """
+
+    def __init__(self, app: FastAPI):
+        self.state = app.state
+        self.admitted = 0
+        self._refusals: dict[int, bytes] = {}
+
+    def enter(self) -> bytes | None:
+        """None: the request is let in (call :meth:`leave` once it is answered); else the response to send."""
+        batcher = self.state.batcher
+        if batcher is None or batcher.max_queue is None or (self.admitted < batcher.max_queue + batcher.max_batch and not batcher.full()):
+            self.admitted += 1
             return None
-        app.state.refused += 1
-        return overloaded(batcher)
+        self.state.refused += 1
+        return self._refusal(batcher.retry_after_s())
 
-    return shed
+    def leave(self) -> None:
+        self.admitted -= 1
+
+    def _refusal(self, retry_after: int) -> bytes:
+        if retry_after not in self._refusals:  # a handful of values: built once each
+            message = "the server is at capacity; retry after Retry-After seconds"
+            self._refusals[retry_after] = raw_error(503, "Service Unavailable", "overloaded", message, {"Retry-After": str(retry_after)})
+        return self._refusals[retry_after]
 
 
 def _lifespan(load, max_wait_s: float, max_queue: int | None, mode: str, on_load_error):
@@ -125,6 +148,8 @@ def _lifespan(load, max_wait_s: float, max_queue: int | None, mode: str, on_load
             state.closing = True
             if state.batcher is not None:
                 await state.batcher.stop()  # uvicorn has let in-flight requests finish; this drains the rest
+            if state.pool is not None:
+                await asyncio.to_thread(state.pool.close)  # a model process ends after the drained queue
 
     return lifespan
 

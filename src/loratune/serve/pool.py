@@ -62,6 +62,9 @@ class ModelPool:
         for name in self.classifiers:
             self.predict(name, ["warm-up"], mode)
 
+    def close(self) -> None:
+        """Nothing to release in-process (a WorkerPool stops its process here)."""
+
     def predict(self, name: str, texts: list[str], mode: str, progress=None) -> list[Prediction]:
         if self._peft_model is not None:
             self._peft_model.set_adapter(name)  # a batch holds one adapter's requests only

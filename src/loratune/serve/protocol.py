@@ -1,4 +1,5 @@
-"""uvicorn's h11 protocol with what a server facing overload needs: read timeouts, TCP_NODELAY, JSON 400s.
+"""uvicorn's h11 protocol with what a server facing overload needs: read timeouts, TCP_NODELAY, JSON 400s,
+admission control before parsing.
 
 uvicorn (0.54) waits forever for a request's headers and body: a client that connects and trickles bytes holds
 its connection, and its memory, for as long as it likes. Here a request must arrive whole within
@@ -7,7 +8,7 @@ answered 408 (when the client sent something) and closed.
 """
 
 import socket
-from collections.abc import Callable
+from typing import Protocol
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -35,46 +36,64 @@ def raw_error(status: int, reason: str, code: str, message: str, headers: dict[s
     return head.encode("ascii") + body
 
 
+class Admission(Protocol):
+    """What the protocol asks before parsing a classify request (implemented by serve.app.Admission)."""
+
+    def enter(self) -> bytes | None:
+        """None: let it in (then :meth:`leave` once answered or gone); else the whole response to send and close."""
+
+    def leave(self) -> None: ...
+
+
 class TimedH11Protocol(H11Protocol):
     """One connection. Subclass with :func:`protocol_class` to set ``read_timeout_s``."""
 
     read_timeout_s: float = 15.0
-    shed: Callable[[], object] | None = None
-    """Called for each new ``POST /v1/classify``: an ApiError to answer at once instead of calling the app, or None."""
+    admission: Admission | None = None
+    """Asked about each new ``POST /v1/classify`` before it is parsed (see :class:`Admission`)."""
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         set_nodelay(transport.get_extra_info("socket"))
         self._read_timer = None
+        self._admitted = False
         self._arm()  # a connection that never sends a whole request is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._leave()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.shed is not None and self._refused_early(data):
+        if self.admission is not None and self._refused_early(data):
             return
         super().data_received(data)
         self._track_reading()
 
     def _refused_early(self, data: bytes) -> bool:
-        """Answer a new classify request 503 before parsing it, while the queue is full: under overload, refusing
+        """Answer a new classify request 503 before parsing it when admission says so: under overload, refusing
         through the whole ASGI stack cost the event loop about as much as serving (docs/SERVING.md)."""
         new_request = self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]
         if not (
             new_request and data.startswith(CLASSIFY_REQUEST) and data[len(CLASSIFY_REQUEST) : len(CLASSIFY_REQUEST) + 1] in (b" ", b"?")
         ):
             return False
-        error = self.shed()
-        if error is None:
+        refusal = self.admission.enter()  # type: ignore[union-attr]
+        if refusal is None:
+            self._admitted = True
             return False
         self._unset_keepalive_if_required()
-        self.transport.write(raw_error(error.status_code, "Service Unavailable", error.code, error.detail, error.headers))
+        self.transport.write(refusal)
         self.transport.close()  # the request was read whole or its rest is unwanted: no keep-alive to resume
         return True
 
+    def _leave(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.admission.leave()  # type: ignore[union-attr]
+
     def on_response_complete(self) -> None:
+        self._leave()
         super().on_response_complete()
         self._track_reading()
 
@@ -123,6 +142,6 @@ class TimedH11Protocol(H11Protocol):
 CLASSIFY_REQUEST = b"POST /v1/classify"
 
 
-def protocol_class(read_timeout_s: float, shed: Callable[[], object] | None = None) -> type[TimedH11Protocol]:
-    """The protocol class to give uvicorn (``uvicorn.Config(http=...)``) for this read timeout and load shedding."""
-    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": read_timeout_s, "shed": staticmethod(shed) if shed else None})
+def protocol_class(read_timeout_s: float, admission: Admission | None = None) -> type[TimedH11Protocol]:
+    """The protocol class to give uvicorn (``uvicorn.Config(http=...)``) for this read timeout and admission."""
+    return type("TimedH11Protocol", (TimedH11Protocol,), {"read_timeout_s": read_timeout_s, "admission": admission})

@@ -1,5 +1,6 @@
 """Running the server: the ``loratune serve`` command."""
 
+import functools
 import json
 import logging
 import socket
@@ -9,9 +10,10 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import LoratuneError
-from .app import create_app, log, shed_when_full
+from .app import create_app, log
 from .pool import ModelPool, check_adapters, load_pool
 from .protocol import protocol_class
+from .worker import WorkerPool, model_threads
 
 BACKLOG = 2048
 """Connections the kernel holds before accept (uvicorn's default): a burst beyond it waits seconds for SYN retries."""
@@ -56,13 +58,14 @@ def run(adapters: Mapping[str, Path], cfg: Config, *, base_model: str | None = N
         raise app.state.load_error
 
 
-def pool_loader(adapters: Mapping[str, Path], cfg: Config, base_model: str | None = None) -> Callable[[], ModelPool]:
-    """What the server calls (in the background) to load its models, with every prediction setting from ``cfg``."""
-
-    def load() -> ModelPool:
-        return load_pool(adapters, cfg.predict, base_model=base_model)
-
-    return load
+def pool_loader(adapters: Mapping[str, Path], cfg: Config, base_model: str | None = None) -> Callable[[], ModelPool | WorkerPool]:
+    """What the server calls (in the background) to load its models, with every prediction setting from ``cfg``:
+    in a child process when ``serve.model_process`` (see serve/worker.py), else in this one."""
+    load = functools.partial(load_pool, dict(adapters), cfg.predict, base_model=base_model)  # picklable, for the child
+    if not cfg.serve.model_process:
+        return load
+    threads = cfg.serve.model_threads or model_threads()
+    return functools.partial(WorkerPool, load, threads)
 
 
 def server_config(app, read_timeout_s: float = 15.0, **kwargs):
@@ -71,7 +74,7 @@ def server_config(app, read_timeout_s: float = 15.0, **kwargs):
     import uvicorn
 
     options = {"access_log": False, "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S, **kwargs}
-    return uvicorn.Config(app, http=protocol_class(read_timeout_s, shed_when_full(app)), **options)
+    return uvicorn.Config(app, http=protocol_class(read_timeout_s, app.state.admission), **options)
 
 
 def listen(host: str, port: int) -> socket.socket:
