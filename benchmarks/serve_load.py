@@ -76,6 +76,50 @@ def classify_body(i: int) -> bytes:
     return json.dumps({"text": TEXTS[i % len(TEXTS)]}).encode()
 
 
+def request_bytes(body: bytes, headers: dict[str, str]) -> bytes:
+    lines = ["POST /v1/classify HTTP/1.1", f"Host: {HOST}", f"Content-Length: {len(body)}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class OneShot(asyncio.Protocol):
+    """One request on a fresh connection, as a bare protocol: the whole request is precomputed bytes, and the
+    response is parsed just enough to know its status and end. A few times cheaper than streams, so that on a
+    small machine the generator takes as little CPU as it can from the server it measures."""
+
+    def __init__(self, request: bytes, done: asyncio.Future):
+        self.request, self.done, self.buffer, self.status, self.end = request, done, b"", 0, -1
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.end < 0 and (cut := self.buffer.find(b"\r\n\r\n")) >= 0:
+            head = self.buffer[:cut].lower().split(b"\r\n")
+            self.status = int(head[0].split(b" ", 2)[1])
+            length = next((int(line[15:]) for line in head[1:] if line.startswith(b"content-length:")), 0)
+            self.end = cut + 4 + length
+        if 0 <= self.end <= len(self.buffer) and not self.done.done():
+            self.done.set_result(self.status)
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionResetError("closed before a whole response"))
+
+
+async def one_shot(port: int, request: bytes) -> int:
+    """The status of ``request`` sent on a fresh connection (raises ConnectionError/OSError when refused or cut)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport, _ = await loop.create_connection(lambda: OneShot(request, done), HOST, port)
+    try:
+        return await done
+    finally:
+        transport.close()
+
+
 JSON = {"Content-Type": "application/json"}
 
 
@@ -84,9 +128,10 @@ JSON = {"Content-Type": "application/json"}
 
 
 class Server:
-    def __init__(self, adapter: Path, max_queue: int, batch_size: int):
+    def __init__(self, adapter: Path, max_queue: int, batch_size: int, settings: list[str] = ()):
         cmd = [sys.executable, "-m", "loratune", "serve", "--adapter", str(adapter), "--host", HOST, "--port", "0"]
         cmd += ["--max-queue", str(max_queue), "--batch-size", str(batch_size)]
+        cmd += [arg for setting in settings for arg in ("--set", setting)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.lines: list[str] = []
@@ -140,20 +185,26 @@ class Server:
 # Phases.
 
 
-async def capacity(port: int, clients: int, seconds: float) -> float:
-    """Answers per second with ``clients`` closed-loop clients, each on its own kept-alive connection."""
+async def capacity(port: int, clients: int, seconds: float, fresh: bool = False) -> float:
+    """Answers per second with ``clients`` closed-loop clients: each on its own kept-alive connection, or (``fresh``)
+    opening a fresh connection per request, as the open loop below does."""
     done = 0
     stop_at = time.monotonic() + seconds
+    requests = [request_bytes(classify_body(i), JSON) for i in range(len(TEXTS))]
 
     async def client(k: int) -> None:
         nonlocal done
-        conn = await Connection.open(port)
+        conn = None if fresh else await Connection.open(port)
         i = k
         while time.monotonic() < stop_at:
-            if await conn.call("POST", "/v1/classify", classify_body(i), JSON) == 200:
-                done += 1
+            if conn is None:
+                ok = await one_shot(port, requests[i % len(requests)]) == 200
+            else:
+                ok = await conn.call("POST", "/v1/classify", classify_body(i), JSON) == 200
+            done += ok
             i += clients
-        conn.close()
+        if conn is not None:
+            conn.close()
 
     started = time.monotonic()
     await asyncio.gather(*(client(k) for k in range(clients)))
@@ -194,24 +245,24 @@ class OpenLoop:
     seconds: float
     timeout_s: float
     outcomes: list[Outcome] = field(default_factory=list)
+    cpu_pct: dict[str, int] = field(default_factory=dict)
+    """CPU used while the loop ran, per process, in % of one core (from :func:`cpu_seconds`)."""
+
+    def __post_init__(self):
+        headers = {**JSON, "X-Timeout-Ms": str(int(self.timeout_s * 1000))}
+        self.requests = [request_bytes(classify_body(i), headers) for i in range(len(TEXTS))]
 
     async def one(self, i: int) -> None:
         started = time.perf_counter()
-        headers = {**JSON, "X-Timeout-Ms": str(int(self.timeout_s * 1000))}
-        conn = None
         try:
             async with asyncio.timeout(self.timeout_s):
-                conn = await Connection.open(self.port)
-                kind = str(await conn.call("POST", "/v1/classify", classify_body(i), headers))
+                kind = str(await one_shot(self.port, self.requests[i % len(self.requests)]))
         except TimeoutError:
             kind = "timeout"
         except ConnectionRefusedError:
             kind = "refused"
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, OSError):
             kind = "reset"
-        finally:
-            if conn is not None:
-                conn.close()
         self.outcomes.append(Outcome(kind, 1000 * (time.perf_counter() - started)))
 
     async def run(self, at_s: float | None = None, action=None) -> None:
@@ -253,9 +304,28 @@ async def overload(server: Server, rate: float, seconds: float, timeout_s: float
             lags.append(1000 * (time.perf_counter() - started - 0.05))
 
     sampler = asyncio.ensure_future(sample())
+    before, started = cpu_seconds(server), time.monotonic()
     await loop_.run()
+    after, wall = cpu_seconds(server), time.monotonic() - started
     sampler.cancel()
+    loop_.cpu_pct = {k: round(100 * (after[k] - before.get(k, 0.0)) / wall) for k in after}
     return loop_, peak, round(sorted(lags)[int(0.99 * (len(lags) - 1))], 1)
+
+
+def cpu_seconds(server: Server) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server process, its model process, and this client."""
+    out = {}
+    for name, proc in (("server", server.ps), ("client", psutil.Process())):
+        times = proc.cpu_times()
+        out[name] = times.user + times.system
+    for child in server.ps.children():
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        if times.user + times.system > 1:  # the model process, not multiprocessing's resource tracker
+            out["model_process"] = out.get("model_process", 0.0) + times.user + times.system
+    return out
 
 
 def server_latencies(lines: list[str], since: int) -> dict:
@@ -286,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timeout", type=float, default=5.0, help="client timeout in the overload phases, s")
     parser.add_argument("--max-queue", type=int, default=256, help="the server's --max-queue")
     parser.add_argument("--batch-size", type=int, default=32, help="the server's --batch-size")
+    parser.add_argument("--set", action="append", default=[], help="a server setting, e.g. serve.model_process=false")
+    parser.add_argument("--skip-sigterm", action="store_true", help="leave out the SIGTERM phase")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,11 +374,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure(adapter: Path, args) -> dict:
     report: dict = {}
-    server = Server(adapter, args.max_queue, args.batch_size)
+    server = Server(adapter, args.max_queue, args.batch_size, args.set)
     try:
         asyncio.run(capacity(server.port, 4, 1.0))  # warm-up
         # Enough clients to keep the queue full, so batches are full: fewer would measure latency, not capacity.
-        cap = asyncio.run(capacity(server.port, max(2 * args.batch_size, args.max_queue), args.seconds))
+        # Capacity is for the same requests the open loop sends (a fresh connection each); kept-alive beside it.
+        clients = max(2 * args.batch_size, args.max_queue)
+        report["capacity_keepalive_rps"] = round(asyncio.run(capacity(server.port, clients, args.seconds)), 1)
+        cap = asyncio.run(capacity(server.port, clients, args.seconds, fresh=True))
         report["capacity_rps"] = round(cap, 1)
         report.update(asyncio.run(latency(server.port, 50)))
         report["rss_before_mb"] = round(server.rss_mb(), 1)
@@ -326,16 +401,19 @@ def measure(adapter: Path, args) -> dict:
             "server_stats": server.stats(),
             "server_side_latency": server_latencies(server.lines, since),
             "client_loop_lag_p99_ms": lag,
+            "cpu_pct": loop_.cpu_pct,
         }
     finally:
         server.stop()
+    if args.skip_sigterm:
+        return report
     report["sigterm"] = sigterm_under_load(adapter, args, report.get("capacity_rps", 10.0))
     return report
 
 
 def sigterm_under_load(adapter: Path, args, cap: float) -> dict:
     """Open loop at factor x capacity for 4 s on a fresh server, SIGTERM after 2 s: how every request ended."""
-    server = Server(adapter, args.max_queue, args.batch_size)
+    server = Server(adapter, args.max_queue, args.batch_size, args.set)
     loop_ = OpenLoop(server.port, args.factor * cap, 4.0, max(args.timeout, 40.0))  # > the 30 s graceful drain
     sent_at = []
 
