@@ -136,3 +136,50 @@ def test_a_model_process_that_cannot_load_reports_the_sentence(tmp_path):
         assert "missing" in str(exc)
     else:
         raise AssertionError("a missing adapter loaded")
+
+
+def _recv(sock: socket.socket) -> bytes:
+    chunk = sock.recv(65536)
+    assert chunk, "the server closed the connection without an answer"
+    return chunk
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _recv(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(x.split(b":")[1]) for x in head.lower().split(b"\r\n") if x.startswith(b"content-length:"))
+    while len(body) < length:
+        body += _recv(sock)
+    return head + b"\r\n\r\n" + body
+
+
+def test_sigterm_answers_a_request_on_a_connection_between_requests_instead_of_cutting_it(classifier, monkeypatch):
+    from loratune.serve.protocol import TimedH11Protocol
+
+    monkeypatch.setattr(TimedH11Protocol, "drain_s", WAIT)  # the window, long here so the test does not race it
+    app = create_app(lambda: ModelPool({"a": classifier}))
+    with serving(app) as (url, server):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(WAIT)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _split(_read_response(sock))[0] == 200  # kept alive, between requests
+            server.should_exit = True  # what SIGTERM does
+            deadline = time.monotonic() + WAIT
+            while True:  # the listener closes first, then connections are told to shut down
+                try:
+                    socket.create_connection((host, int(port)), timeout=1).close()
+                except OSError:
+                    break
+                assert time.monotonic() < deadline, "the server never stopped listening"
+                time.sleep(0.01)
+            body = json.dumps({"text": "sent as the server stops"}).encode()
+            sock.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            status, headers, error = _split(_read_response(sock))
+            assert (status, error["error"]["code"]) == (503, "shutting_down") and headers["retry-after"] == "1"
+            assert sock.recv(1) == b""  # then closed

@@ -52,11 +52,15 @@ class TimedH11Protocol(H11Protocol):
     admission: Admission | None = None
     """Asked about each new ``POST /v1/classify`` before it is parsed (see :class:`Admission`)."""
 
+    drain_s: float = 0.5
+    """On shutdown, how long a connection between requests may still bring one (answered 503 ``shutting_down``)."""
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         set_nodelay(transport.get_extra_info("socket"))
         self._read_timer = None
         self._admitted = False
+        self._draining = False
         self._arm()  # a connection that never sends a whole request is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -65,6 +69,9 @@ class TimedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            self._refuse_while_shutting_down()
+            return
         if self.admission is not None and self._refused_early(data):
             return
         super().data_received(data)
@@ -86,6 +93,27 @@ class TimedH11Protocol(H11Protocol):
         self.transport.write(refusal)
         self.transport.close()  # the request was read whole or its rest is unwanted: no keep-alive to resume
         return True
+
+    def shutdown(self) -> None:
+        """SIGTERM: uvicorn closes connections that are between requests at once, but one accepted just before may
+        hold a request the loop has not read yet, and the client would see its connection cut. Such a connection
+        gets ``drain_s`` to bring it, answered 503 ``shutting_down`` (Retry-After); then it is closed."""
+        between = self.cycle is None or self.cycle.response_complete
+        if not (between and self.conn.their_state is h11.IDLE) or self.transport.is_closing():
+            super().shutdown()  # a request in progress finishes, then the connection closes
+            return
+        self._draining = True
+        self._disarm()
+        if self.conn.trailing_data[0]:  # part of a request is here already
+            self._refuse_while_shutting_down()
+        else:
+            self._read_timer = self.loop.call_later(self.drain_s, self.transport.close)
+
+    def _refuse_while_shutting_down(self) -> None:
+        self._draining = False
+        self._disarm()
+        self.transport.write(SHUTTING_DOWN)
+        self.transport.close()
 
     def _leave(self) -> None:
         if self._admitted:
@@ -140,6 +168,7 @@ class TimedH11Protocol(H11Protocol):
 
 
 CLASSIFY_REQUEST = b"POST /v1/classify"
+SHUTTING_DOWN = raw_error(503, "Service Unavailable", "shutting_down", "the server is shutting down", {"Retry-After": "1"})
 
 
 def protocol_class(read_timeout_s: float, admission: Admission | None = None) -> type[TimedH11Protocol]:
