@@ -5,15 +5,18 @@
 
 Requests are answered by a :class:`~loratune.predict.Classifier`. Concurrent requests are gathered into
 micro-batches (up to ``predict.batch_size`` texts, or whatever arrived within ``max_wait_ms``), and each batch
-is one forward pass in ONE worker thread, so the event loop stays free and only one copy of the model is in
-memory. Several adapters share one base model through PEFT's multi-adapter API; a batch never mixes adapters.
-The model loads in the background: ``/healthz`` answers at once, ``/readyz`` says 503 until it is loaded.
-Under overload the queue is bounded (``serve.max_queue`` texts): beyond it requests get a fast 503 with
-``Retry-After``, and work whose client left or whose ``X-Timeout-Ms`` passed is dropped before its forward pass.
+is one forward pass, run by ONE worker: a child process by default (``serve.model_process``), so the event
+loop never waits for the GIL a forward pass holds, and only one copy of the model is in memory. Several
+adapters share one base model through PEFT's multi-adapter API; a batch never mixes adapters. The model loads
+in the background: ``/healthz`` answers at once, ``/readyz`` says 503 until it is loaded.
+Under overload the queue is bounded (``serve.max_queue`` texts) and the HTTP layer admits at most that many
+requests plus one batch: beyond it requests get a ready-made 503 with ``Retry-After`` before they are
+parsed, and work whose client left or whose ``X-Timeout-Ms`` passed is dropped before its forward pass.
 
 Modules: ``app`` (FastAPI routes), ``batcher`` (bounded micro-batching), ``schemas`` (bodies and errors),
 ``middleware`` (access log, API key, body limit), ``pool`` (adapters over one base), ``protocol`` (uvicorn's
-h11 with read timeouts, TCP_NODELAY, JSON 400s and the 503 for a full queue), ``run`` (``loratune serve``).
+h11 with read timeouts, TCP_NODELAY, JSON 400s, admission and the drain on SIGTERM), ``worker`` (the model
+process), ``run`` (``loratune serve``).
 """
 
 from .app import Admission, create_app
