@@ -71,6 +71,7 @@ def serve(
             show_default=opt.default("serve.max_queue"),
         ),
     ] = None,
+    quantize: opt.QuantizeOpt = None,
     sets: opt.SetOpt = None,
 ):
     """Serve adapters over HTTP (FastAPI): POST /v1/classify, GET /v1/labels, /healthz, /readyz, docs at /docs."""
@@ -83,6 +84,7 @@ def serve(
             "model.name": model,
             "predict.mode": mode,
             "predict.batch_size": batch_size,
+            "predict.quantize": quantize,
             "serve.host": host,
             "serve.port": port,
             "serve.max_chars": max_chars,
