@@ -133,3 +133,18 @@ def test_compare_adds_an_int8_row_for_the_adapter_only(trained, tmp_path, capsys
     assert [r["model"] for r in report["results"]] == ["base", "adapter", "adapter int8"]
     assert [(r["model"], r["mode"]) for r in report["int8"]] == [("adapter", "score")]
     assert set(report["disagreements"]) == {"score"}  # still base vs adapter
+
+
+@pytest.mark.slow
+def test_bench_deployer_quick_writes_ctranslate2_rows_or_says_why_not(run_cli, tmp_path):
+    result = run_cli("bench", "--deployer", "--quick", "--output-dir", tmp_path, "--json", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    rows = {(r["name"], r["precision"]) for r in report["rows"]}
+    assert {("loratune score", "fp32"), ("loratune score", "int8")} <= rows
+    if report["skipped"] is None:  # CTranslate2 installed: its float32 scores are loratune's, to fp32 rounding
+        assert report["agreement"]["CTranslate2 float32 vs loratune fp32"]["top1_agreement"] == 1.0
+        assert report["agreement"]["CTranslate2 float32 vs loratune fp32"]["max_abs_diff"] < 1e-2
+    else:
+        assert "ctranslate2 is not installed" in report["skipped"]
+    assert "| target |" in (tmp_path / "deployer_quick.md").read_text()

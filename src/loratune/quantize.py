@@ -53,10 +53,43 @@ def quantize_int8(model):
     if quantize is None:
         raise LoratuneError(f"--quantize int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} no longer has")
     model.float()  # dynamic int8 Linear layers take fp32 activations (a bf16 checkpoint is widened first)
+    engine = torch.backends.quantized.engine
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
         warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        return quantize(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        try:
+            # The weights are packed for the engine chosen here and keep it; the global setting is restored.
+            torch.backends.quantized.engine = int8_engine()
+            return quantize(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        finally:
+            torch.backends.quantized.engine = engine
+
+
+INT8_DOT_PRODUCT_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def int8_engine() -> str:
+    """oneDNN where the CPU has int8 dot-product instructions (VNNI, AMX), else torch's default (x86/fbgemm).
+
+    On this project's Xeon (avx512_vnni, AMX) oneDNN-packed weights ran flan-t5-small's score mode 1.2x faster
+    than the default engine, interleaved, and agreed more often with fp32 (docs/BENCHMARKS.md)."""
+    import torch
+
+    engines = torch.backends.quantized.supported_engines
+    if "onednn" in engines and INT8_DOT_PRODUCT_FLAGS & _cpu_flags():
+        return "onednn"
+    return torch.backends.quantized.engine
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def is_int8(model) -> bool:
