@@ -148,3 +148,11 @@ def test_bench_deployer_quick_writes_ctranslate2_rows_or_says_why_not(run_cli, t
     else:
         assert "ctranslate2 is not installed" in report["skipped"]
     assert "| target |" in (tmp_path / "deployer_quick.md").read_text()
+
+
+def test_low_int8_agreement_is_called_out():
+    from loratune.quantize import describe
+
+    row = {"model": "adapter", "mode": "score", "n": 100, "top1_agreement": 0.2, "max_prob_diff": 0.97, "speedup": 2.1}
+    assert "int8 changes this model's answers" in describe(row)
+    assert "changes" not in describe(row | {"top1_agreement": 0.97})

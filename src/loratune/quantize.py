@@ -8,7 +8,7 @@ scorers (T5 label trie, causal prefix sharing, encoder head) and ``generate`` ru
 Why ``torch.ao.quantization.quantize_dynamic``: torch marks it deprecated in favour of torchao's
 ``quantize_(model, Int8DynamicActivationInt8WeightConfig())``, but in eager mode on the CPU that path is
 slower than fp32 (pytorch/ao issues 3157 and 4365), while ``quantize_dynamic`` is still shipped (torch 2.13) and
-runs flan-t5-small's score mode about 2.5x faster than fp32 (docs/BENCHMARKS.md). It is called in one place,
+ran flan-t5-small's score mode 2.1x as fast as fp32 (docs/BENCHMARKS.md). It is called in one place,
 :func:`quantize_int8`, so moving to another backend is one function.
 
 ``evaluate`` and ``compare`` with ``--quantize int8`` run the fp32 model and its int8 twin on the same
@@ -138,11 +138,20 @@ def int8_rows(fp32_results, int8_results) -> list[dict]:
     return rows
 
 
+LOW_AGREEMENT = 0.9
+"""Below this share of same predictions the report says int8 changes the model's answers."""
+
+
 def describe(row: dict) -> str:
     """One line for the console and report.md."""
     speed = f"; {row['speedup']:.2f}x the fp32 examples/s" if row.get("speedup") else ""
     probs = f"; probabilities within {row['max_prob_diff']:.3f}" if "max_prob_diff" in row else ""
+    warn = (
+        f" (below {100 * LOW_AGREEMENT:.0f}%: int8 changes this model's answers; check before deploying it)"
+        if row["top1_agreement"] < LOW_AGREEMENT
+        else ""
+    )
     return (
         f"int8 vs fp32 ({row['model']}, {row['mode']}): same prediction on {100 * row['top1_agreement']:.1f}% "
-        f"of {row['n']} examples{probs}{speed}"
+        f"of {row['n']} examples{probs}{speed}{warn}"
     )
