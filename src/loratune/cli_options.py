@@ -112,6 +112,7 @@ QuantizeOpt = Annotated[
     typer.Option(
         "--quantize",
         help="none or int8: dynamic int8 Linear layers of the merged model, CPU only (evaluate/compare: an int8 row beside fp32).",
+        show_default=default("predict.quantize"),
     ),
 ]
 AllowEmptyOpt = Annotated[

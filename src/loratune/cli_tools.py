@@ -145,7 +145,9 @@ def bench(
     deployer: Annotated[
         bool,
         typer.Option(
-            "--deployer", help="loratune score (fp32, int8) against CTranslate2 on one model (pip install -e '.[bench]').", metavar=opt.NO_VALUE
+            "--deployer",
+            help="loratune score (fp32, int8) against CTranslate2 on one model (pip install -e '.[bench]').",
+            metavar=opt.NO_VALUE,
         ),
     ] = False,
     json_out: opt.JsonOpt = False,
