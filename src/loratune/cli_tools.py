@@ -118,8 +118,13 @@ def export(
     print(f"wrote {out}")
 
 
-def _benchmarks_run(module: str = "run"):
-    """benchmarks/run.py (or another benchmark module) of this source checkout (not part of the installed package)."""
+def _benchmarks_run():
+    """benchmarks/run.py of this source checkout (the benchmarks are not part of the installed package)."""
+    return _benchmarks_module("run")
+
+
+def _benchmarks_module(module: str):
+    """``benchmarks.<module>`` of this source checkout."""
     import importlib
 
     root = Path(__file__).resolve().parents[2]
@@ -157,7 +162,7 @@ def bench(
     Exit 1, with one line naming them, when a target is not met. --deployer measures loratune against
     CTranslate2 instead and reports its targets without failing on them (a third-party engine on a shared machine).
     """
-    run = _benchmarks_run("deployer" if deployer else "run")
+    run = _benchmarks_module("deployer") if deployer else _benchmarks_run()
     quiet_libraries()
     if deployer:
         if device not in (None, "cpu"):
