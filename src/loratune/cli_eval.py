@@ -37,6 +37,7 @@ def predict(
     input_name: opt.InputNameOpt = None,
     min_confidence: opt.MinConfidenceOpt = None,
     fallback_label: opt.FallbackOpt = None,
+    quantize: opt.QuantizeOpt = None,
 ):
     """Classify text with an adapter (or a base model prompted alone, with --labels)."""
     cfg = opt.build_config(
@@ -56,6 +57,7 @@ def predict(
             "prompt.input_name": input_name,
             "predict.min_confidence": min_confidence,
             "predict.fallback_label": fallback_label,
+            "predict.quantize": quantize,
         },
     )
     validate(cfg)
@@ -116,9 +118,12 @@ def evaluate(
     input_name: opt.InputNameOpt = None,
     min_confidence: opt.MinConfidenceOpt = None,
     fallback_label: opt.FallbackOpt = None,
+    quantize: opt.QuantizeOpt = None,
 ):
-    """Metrics for one model (adapter, or base model prompted alone) on a labelled file."""
-    from .compare import eval_examples, run_eval
+    """Metrics for one model (adapter, or base model prompted alone) on a labelled file.
+
+    With --quantize int8 the fp32 model and its int8 twin are both evaluated, and their agreement reported."""
+    from .compare import eval_examples, fp32_for_int8, run_eval
 
     cfg = opt.build_config(
         config,
@@ -137,6 +142,7 @@ def evaluate(
             "prompt.input_name": input_name,
             "predict.min_confidence": min_confidence,
             "predict.fallback_label": fallback_label,
+            "predict.quantize": quantize,
         },
     )
     validate(cfg)
@@ -144,9 +150,11 @@ def evaluate(
     quiet_libraries()
     if adapter is None and not cfg.data.labels:
         cfg.data.labels = _labels_of(cfg)  # a base model is asked about the labels the test data has
-    clf = opt.load_classifier(adapter, cfg, modes[0], base_override=model)
+    cfg, device = fp32_for_int8(cfg)
+    clf = opt.load_classifier(adapter, cfg, modes[0], base_override=model, device=device)
     path, examples = eval_examples(cfg, clf)
-    report = run_eval([("adapter" if adapter else "base", clf)], examples, modes, path, clf.labels, progress)
+    name = "adapter" if adapter else "base"
+    report = run_eval([(name, clf)], examples, modes, path, clf.labels, progress, int8=(name,) if device else ())
     out = _write(report, output_dir or "outputs/evaluate")
     if json_out:
         print(json.dumps(report, indent=2))
@@ -186,6 +194,7 @@ def compare(
     sets: opt.SetOpt = None,
     min_confidence: opt.MinConfidenceOpt = None,
     fallback_label: opt.FallbackOpt = None,
+    quantize: opt.QuantizeOpt = None,
     baseline: Annotated[
         str,
         typer.Option(
@@ -213,6 +222,7 @@ def compare(
             "predict.batch_size": batch_size,
             "predict.min_confidence": min_confidence,
             "predict.fallback_label": fallback_label,
+            "predict.quantize": quantize,
         },
     )
     validate(cfg)

@@ -107,6 +107,14 @@ ThresholdOpt = Annotated[
     Optional[float],
     typer.Option("--threshold", help="Multi-label score mode: predict labels with probability >= this (default: calibrated, else 0.5)."),
 ]
+QuantizeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--quantize",
+        help="none or int8: dynamic int8 Linear layers of the merged model, CPU only (evaluate/compare: an int8 row beside fp32).",
+        show_default=default("predict.quantize"),
+    ),
+]
 AllowEmptyOpt = Annotated[
     Optional[bool],
     typer.Option(
@@ -143,14 +151,16 @@ def data_flags(model, family, train, val, test, text_field, label_field, labels,
     }
 
 
-def load_classifier(adapter: Path | None, cfg: Config, mode: str | None = None, base_override: str | None = None):
+def load_classifier(
+    adapter: Path | None, cfg: Config, mode: str | None = None, base_override: str | None = None, device: str | None = None
+):
     """An adapter (its base from its metadata unless --model overrides it), or the base model alone. The adapter's
     recorded data fields apply unless given again."""
     from .predict import classifier_from_config  # torch loads here, not at `loratune -h`
 
     if mode:
         cfg.predict.mode = mode
-    clf = classifier_from_config(cfg, adapter, base_override=base_override)
+    clf = classifier_from_config(cfg, adapter, base_override=base_override, device=device)
     defaults = Config().data
     for key, value in clf.spec.fields.items():
         if value and getattr(cfg.data, key) == getattr(defaults, key):

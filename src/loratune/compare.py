@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from .config import Config
@@ -15,6 +16,7 @@ from .errors import LoratuneError
 from .evaluate import build_report, evaluate, write_report
 from .families.common import GENERATE_NOT_FOR_ENCODERS
 from .predict import Classifier, classifier_from_config
+from .quantize import INT8, int8_rows, int8_twin
 
 ProgressFactory = Callable[[int, str], object] | None
 
@@ -29,6 +31,16 @@ def eval_examples(cfg: Config, clf: Classifier):
     return path, load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
 
 
+def fp32_for_int8(cfg: Config) -> tuple[Config, str | None]:
+    """evaluate/compare with ``--quantize int8`` measure the fp32 model beside its int8 twin: (a copy of ``cfg``
+    loading fp32, "cpu") then; else (``cfg``, None)."""
+    if cfg.predict.quantize != INT8:
+        return cfg, None
+    cfg = copy.deepcopy(cfg)
+    cfg.predict.quantize = "none"
+    return cfg, "cpu"
+
+
 def run_eval(
     models: Sequence[tuple[str, Classifier]],
     examples,
@@ -36,20 +48,39 @@ def run_eval(
     dataset: str,
     labels: Sequence[str],
     progress: ProgressFactory = None,
+    int8: Collection[str] = (),
 ) -> dict:
-    """Evaluate every (name, classifier) in every mode it supports; one report."""
-    results = []
+    """Evaluate every (name, classifier) in every mode it supports; one report.
+
+    ``int8``: names of (fp32, CPU) models that also get an int8 twin's row (``{name} int8``, after the fp32
+    rows of its mode) and a line in ``report["int8"]`` on how often the two agree."""
+
+    def run(name, clf, mode):
+        bar = progress(len(examples), f"{name} {mode}") if progress else None
+        result = evaluate(clf, examples, mode=mode, name=name, progress=bar.update if bar else None)
+        if bar:
+            bar.close()
+        return result
+
+    results, twins, pairs = [], {}, []
     for mode in modes:
+        done = []
         for name, clf in models:
             if mode == "generate" and not clf.family.supports_generate:
                 continue  # a classification head has no text to generate; "both" means score only here
-            bar = progress(len(examples), f"{name} {mode}") if progress else None
-            results.append(evaluate(clf, examples, mode=mode, name=name, progress=bar.update if bar else None))
-            if bar:
-                bar.close()
+            done.append((name, clf, run(name, clf, mode)))
+        results += [r for *_, r in done]
+        for name, clf, fp32 in done:
+            if name in int8:
+                twin = twins[name] = twins.get(name) or int8_twin(clf)
+                pairs.append((fp32, run(f"{name} {INT8}", twin, mode)))
+                results.append(pairs[-1][1])
     if not results:
         raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
-    return build_report(results, examples, dataset, labels)
+    report = build_report(results, examples, dataset, labels)
+    if pairs:
+        report["int8"] = int8_rows(*zip(*pairs))
+    return report
 
 
 def _short_name(path_or_id: str, taken: set[str], prefix: str = "") -> str:
@@ -85,7 +116,8 @@ def compare(
         cfg.data.test = test
     if not adapters:
         raise LoratuneError("compare needs at least one adapter")
-    tuned = [classifier_from_config(cfg, a, base_override=base_override) for a in adapters]
+    cfg, device = fp32_for_int8(cfg)
+    tuned = [classifier_from_config(cfg, a, base_override=base_override, device=device) for a in adapters]
     labels = tuned[0].labels
     for a, clf in zip(adapters, tuned):
         if clf.labels != labels:
@@ -104,12 +136,13 @@ def compare(
         key = (base_name, meta.family, clf.spec)
         if key not in bases:
             bases[key] = "base" if single else _short_name(meta.base_model_requested or base_name, taken, "base ")
-            models.append((bases[key], classifier_from_config(cfg, a, base_override=base_override, base_only=True)))
+            models.append((bases[key], classifier_from_config(cfg, a, base_override=base_override, device=device, base_only=True)))
         name = "adapter" if single else _short_name(str(a), taken)
         names[name] = str(a)
         models.append((name, clf))
     path, examples = eval_examples(cfg, tuned[0])
-    report = run_eval(models, examples, modes, path, labels, progress)
+    int8 = names.keys() if device else ()  # the adapters get int8 rows; the base rows are there to beat
+    report = run_eval(models, examples, modes, path, labels, progress, int8=int8)
     if baseline != "none":
         _add_baseline(report, tuned[0], cfg, examples, required=baseline == "embeddings")
     if single:

@@ -45,6 +45,7 @@ REPORT_TO = {
     "azure_ml": "azureml",
 }
 REPORT_PACKAGES = {"azureml": "azureml-core", "comet_ml": "comet-ml"}
+QUANTIZE = ("none", "int8")
 # Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 1e6
@@ -170,6 +171,8 @@ class PredictConfig:
     """The label an abstained prediction gets (e.g. ``oos``); needed by ``min_confidence``."""
     baseline_model: str | None = None
     """``compare``'s frozen-embedding baseline: the embedding model. Empty: the MiniLM of the dev extra."""
+    quantize: str = "none"
+    """none, or int8: dynamic int8 quantization of the merged model's Linear layers, on the CPU (see quantize.py)."""
 
 
 @dataclass
@@ -367,6 +370,10 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"prompt.chat_template must be one of {', '.join(CHAT_TEMPLATES)} (got {cfg.prompt.chat_template!r})")
     if cfg.predict.mode not in MODES:
         problems.append(f"predict.mode must be one of {', '.join(MODES)} (got {cfg.predict.mode!r})")
+    if cfg.predict.quantize not in QUANTIZE:
+        problems.append(f"predict.quantize (--quantize) must be one of {', '.join(QUANTIZE)} (got {cfg.predict.quantize!r})")
+    elif cfg.predict.quantize != "none" and not cfg.predict.merge:
+        problems.append("predict.quantize int8 quantizes the merged model: it needs predict.merge true")
     if not 1 <= cfg.predict.batch_size <= MAX_BATCH_SIZE:
         problems.append(f"predict.batch_size (--batch-size) must be in 1..{MAX_BATCH_SIZE} (got {cfg.predict.batch_size})")
     if not 0 <= cfg.serve.port <= 65535:

@@ -104,8 +104,16 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         )
     console = Console()
     console.print(table)
+    _print_int8(console, report)
     if out_dir is not None:
         console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
+
+
+def _print_int8(console, report: dict) -> None:
+    from .quantize import describe
+
+    for row in report.get("int8", ()):
+        console.print(describe(row), highlight=False)
 
 
 def pct(value) -> str:
@@ -140,6 +148,7 @@ def print_multilabel_summary(report: dict, out_dir: Path | None) -> None:
         )
     console = Console()
     console.print(table)
+    _print_int8(console, report)
     if out_dir is not None:
         console.print(f"report: {out_dir / 'report.md'} (also report.json and confusion_*.png)")
 

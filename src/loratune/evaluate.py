@@ -206,6 +206,7 @@ def report_markdown(report: dict) -> str:
             f"{r['examples_per_s']:.1f} |"
         )
     lines += ["", "Accuracy counts end-to-end predictions only; `invalid` is generated text that matches no label.", ""]
+    lines += _int8_lines(report)
     for r in report["results"]:
         lines += [f"## {r['model']} ({r['mode']})", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
         for label, m in r["per_label"].items():
@@ -250,6 +251,7 @@ def multilabel_report_markdown(report: dict) -> str:
         "pieces of generated lists that matched no label (dropped).",
         "",
     ]
+    lines += _int8_lines(report)
     for r in report["results"]:
         threshold = f", threshold {r['threshold']:.2f}" if "threshold" in r else ""
         lines += [
@@ -265,6 +267,12 @@ def multilabel_report_markdown(report: dict) -> str:
         lines.append("")
     lines += _disagreement_lines(report)
     return "\n".join(lines)
+
+
+def _int8_lines(report: dict) -> list[str]:
+    from .quantize import describe
+
+    return [f"- {describe(row)}" for row in report.get("int8", ())] + ([""] if report.get("int8") else [])
 
 
 def _disagreement_lines(report: dict) -> list[str]:

@@ -42,6 +42,7 @@ from .families import Family, family_class
 from .families.common import GENERATE_NOT_FOR_ENCODERS, MULTI_LABEL_SEQ2SEQ_ONLY, softmax
 from .models import load_base, prompt_spec, resolve_model_name
 from .prompt import LABEL_SEPARATOR, MAX_SCORED_LABELS, PromptSpec, format_target, label_sets
+from .quantize import INT8, int8_device, quantize_int8
 
 INVALID = "invalid"
 DEFAULT_THRESHOLD = 0.5
@@ -188,7 +189,7 @@ class Classifier:
     def from_pretrained(cls, path: str | Path, *, device: str | None = None, **options) -> Classifier:
         """An adapter directory (with ``loratune.json``), or a base model by hub id, path or ``tiny``.
 
-        ``options``: any ``predict`` setting (mode, batch_size, threshold, allow_empty, merge, min_confidence,
+        ``options``: any ``predict`` setting (mode, batch_size, threshold, allow_empty, merge, quantize, min_confidence,
         fallback_label, max_new_tokens); for a base model also labels, task, input_name, multi_label,
         chat_template, max_length, input_only and revision; ``base_model`` loads an adapter onto another copy of
         its base. For an adapter the prompt comes from its metadata and must not disagree with it.
@@ -306,16 +307,17 @@ def classifier_from_config(
     ``base_only``: the adapter's base model prompted alone, reading exactly the adapter's prompt spec (what
     ``compare`` measures the adapter against). ``cfg.predict`` settings apply in every case.
     """
-    dev = pick_device(device)
+    quantize = cfg.predict.quantize
+    dev = pick_device(int8_device(quantize, device))
     dtype = inference_dtype(dev)
     if adapter is None:
-        return _base_classifier(cfg, dev, dtype)
+        return _quantized(_base_classifier(cfg, dev, dtype), quantize)
     meta = AdapterMeta.read(adapter)
     _check_flags_match(cfg, meta, adapter)
     if base_only:
         base = load_base(base_override or meta.base_model, revision=meta.base_revision, family=meta.family, dtype=dtype, labels=meta.labels)
         family = family_class(meta.family)(base.model.to(dev).eval(), base.tokenizer, meta.spec)
-        return Classifier(family, cfg.predict, name=f"{base_override or meta.base_model}")
+        return _quantized(Classifier(family, cfg.predict, name=f"{base_override or meta.base_model}"), quantize)
     loaded, meta = load_adapter(adapter, base_model=base_override, dtype=dtype)
     model = loaded.model
     if cfg.predict.merge:
@@ -324,7 +326,15 @@ def classifier_from_config(
             warnings.filterwarnings("ignore", message=".*no longer tied.*")
             model = model.merge_and_unload()
     family = family_class(meta.family)(model.to(dev).eval(), loaded.tokenizer, meta.spec)
-    return Classifier(family, cfg.predict, meta=meta, name=str(adapter))
+    return _quantized(Classifier(family, cfg.predict, meta=meta, name=str(adapter)), quantize)
+
+
+def _quantized(clf: Classifier, quantize: str) -> Classifier:
+    """The classifier with its (merged) model quantized in place when ``predict.quantize`` asks for it."""
+    if quantize == INT8:
+        quantize_int8(clf.model)
+        clf.family.invalidate()
+    return clf
 
 
 def _check_flags_match(cfg: Config, meta: AdapterMeta, adapter) -> None:

@@ -340,6 +340,7 @@ def _add_model_routes(app: FastAPI) -> None:
                     multi_label=c.multi_label,
                     base_model=c.meta.base_model_requested or c.meta.base_model,
                     default=name == pool.default,
+                    quantize=c.settings.quantize,
                 )
                 for name, c in pool.classifiers.items()
             ]

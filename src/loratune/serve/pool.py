@@ -36,8 +36,10 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
     return adapters
 
 
-def check_adapters(adapters: Mapping[str, Path], base_model: str | None = None) -> dict[str, AdapterMeta]:
+def check_adapters(adapters: Mapping[str, Path], base_model: str | None = None, quantize: str = "none") -> dict[str, AdapterMeta]:
     """Read every adapter's metadata and check they can be served together, without loading any weights."""
+    if quantize != "none" and len(adapters) > 1:
+        raise LoratuneError(f"--quantize {quantize} quantizes a merged model, so it serves one adapter; start one server per adapter")
     metas = {name: AdapterMeta.read(path) for name, path in adapters.items()}
     check_shared_base(metas, base_model)
     return metas
@@ -80,9 +82,9 @@ def load_pool(
     **overrides,
 ) -> ModelPool:
     """Load the adapters over one base model with the ``predict`` settings (``overrides`` replace single fields).
-    A single adapter is merged into the base (same scores, faster)."""
-    check_adapters(adapters, base_model)
+    A single adapter is merged into the base (same scores, faster), and quantized with ``quantize=int8``."""
     settings = dataclasses.replace(settings or PredictConfig(), **overrides)
+    check_adapters(adapters, base_model, settings.quantize)
     if len(adapters) == 1:
         ((name, path),) = adapters.items()
         return ModelPool({name: classifier_from_config(Config(predict=settings), path, base_override=base_model, device=device)})

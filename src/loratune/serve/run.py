@@ -27,7 +27,7 @@ def run(adapters: Mapping[str, Path], cfg: Config, *, base_model: str | None = N
     """
     import uvicorn
 
-    check_adapters(adapters, base_model)  # metadata only: adapters that cannot share a base fail at once
+    check_adapters(adapters, base_model, cfg.predict.quantize)  # metadata only: adapters that cannot share a base fail at once
     s = cfg.serve
     sock = listen(s.host, s.port)
     _log_to_stderr()

@@ -74,6 +74,7 @@ class ModelInfo(BaseModel):
     multi_label: bool
     base_model: str
     default: bool
+    quantize: str = Field("none", description="none, or int8: the merged model's Linear layers run in dynamic int8 (CPU).")
 
 
 class ModelsResponse(BaseModel):
