@@ -96,6 +96,8 @@ def run(quick: bool = False, echo=print) -> dict:
                 samples[key]["score_s"].append(time.perf_counter() - start)
             if peak.peak_rss_mb is not None:
                 samples[key]["peak_rss_mb"] = max(samples[key]["peak_rss_mb"], round(peak.peak_rss_mb, 1))
+                growth = round(peak.peak_rss_mb - peak.start_rss_mb, 1)
+                samples[key]["rss_growth_mb"] = max(samples[key].get("rss_growth_mb", 0.0), growth)
             samples[key]["train_s"].append(train_step(trainer, (case_texts * n_train)[:n_train], labels))
             samples[key]["prompt_tokens"] = round(statistics.mean(len(x) for x in scorer.prompt_ids(case_texts).ids))
             echo(f"rep {rep + 1}/{repeats} {key[0]} {key[1]} labels: score {samples[key]['score_s'][-1]:.2f}s")
@@ -114,6 +116,7 @@ def run(quick: bool = False, echo=print) -> dict:
                 "train_step_s": round(train_s, 3),
                 "train_examples_per_s": round(n_train / train_s, 1),
                 "peak_rss_mb": s["peak_rss_mb"],
+                "score_rss_growth_mb": s.get("rss_growth_mb"),
             }
         )
     result = {
@@ -151,14 +154,17 @@ def markdown(result: dict) -> str:
         f"{result['settings']['repeats']}; scoring {scored} at batch 32; a training step is "
         f"forward + backward of {result['settings']['train_batch']} examples).",
         "",
-        "| family | labels | prompt tokens (mean) | scoring examples/s | ms/example | training examples/s | peak RSS MB |",
+        "| family | labels | prompt tokens (mean) | scoring examples/s | ms/example | training examples/s | memory added by scoring, MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        growth = r.get("score_rss_growth_mb")
         lines.append(
             f"| {r['family']} | {r['labels']} | {r['prompt_tokens_mean']} | {r['score_examples_per_s']} | "
-            f"{r['score_ms_per_example']} | {r['train_examples_per_s']} | {r['peak_rss_mb']} |"
+            f"{r['score_ms_per_example']} | {r['train_examples_per_s']} | {'-' if growth is None else growth} |"
         )
+    peak = max(r["peak_rss_mb"] for r in result["rows"])
+    lines += ["", f"Peak resident memory of the whole process (all {len(result['rows'])} models loaded at once): {peak:.0f} MB."]
     lines.append("")
     for t in result["targets"]:
         lines.append(f"- {t['target']}: {t['value']} (target {t['goal']}: {'met' if t['met'] else 'NOT MET'})")
