@@ -336,6 +336,17 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
                 return loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # The validation loss through the family's loss too (causal: shared prefix once, LM head at label
+        # positions only): the same value as the model's loss at a fraction of the cost.
+        if prediction_loss_only and self.args.world_size == 1:
+            inputs = {k: v for k, v in self._prepare_inputs(inputs).items() if k != "weight"}  # unweighted, as before
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.validator.family.training_loss(model, inputs)
+            if loss is not None:
+                return loss.detach(), None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
