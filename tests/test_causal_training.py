@@ -160,3 +160,13 @@ def test_trainer_with_grad_accumulation_learns_the_same_adapter_as_the_model_los
         torch.testing.assert_close(fast[k], plain[k], atol=1e-5, rtol=1e-4)
     assert fast_metrics["loss_history"] == pytest.approx(plain_metrics["loss_history"], abs=1e-4)
     assert fast_metrics["val_loss"] == pytest.approx(plain_metrics["val_loss"], abs=1e-5)
+
+
+def test_training_loss_under_autocast_matches_the_model_loss(causal, demo_rows):
+    """Mixed precision (what bf16 training runs under): the prefix path's mask follows the autocast dtype."""
+    family = _lora_family(causal, seed=4)
+    _, batch = _batch(family, demo_rows["train"][:4])
+    model = family.model
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = family.training_loss(model, batch), model(**batch).loss
+    assert torch.isfinite(ours) and abs(ours.item() - theirs.item()) < 0.05 * abs(theirs.item())

@@ -325,6 +325,8 @@ def shared_prefix_lm_loss(
         kv = _prefix_forward(decoder, cache_name, config, prefix_ids, device)
         extra = {cache_name: _prefix_cache(config, kv, b), "use_cache": True}
     dtype = decoder.get_input_embeddings().weight.dtype
+    if torch.is_autocast_enabled(device.type):  # bf16/fp16 training: SDPA wants the mask in the queries' dtype
+        dtype = torch.get_autocast_dtype(device.type)
     mask = _tree_mask(attention_mask.sum(1), width, None, n_prefix, dtype)
     positions = (torch.arange(width, device=device) + n_prefix).expand(b, -1)
     hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
