@@ -140,7 +140,9 @@ def test_gradient_accumulation_over_micro_batches_equals_model_loss(causal, demo
 
 
 @pytest.mark.integration
-def test_trainer_with_grad_accumulation_learns_the_same_adapter_as_the_model_loss(tiny_causal, small_data, tmp_path, monkeypatch):
+def test_trainer_with_grad_accumulation_learns_the_same_adapter_as_the_model_loss(
+    tiny_causal, small_data, tmp_path, monkeypatch, shared_calls
+):
     """Two real runs (grad_accum=2, no dropout): the family's loss vs the model's own (training_loss -> None)."""
     from safetensors.torch import load_file
 
@@ -153,6 +155,8 @@ def test_trainer_with_grad_accumulation_learns_the_same_adapter_as_the_model_los
         return result.metrics, load_file(result.adapter_dir / "adapter_model.safetensors")
 
     fast_metrics, fast = run("fast")
+    # 3 steps x 2 micro-batches of 4 through the shared prefix, then the validation loss (60 examples, batch 32).
+    assert shared_calls[:6] == [4] * 6 and len(shared_calls) == 8
     monkeypatch.setattr(CausalFamily, "training_loss", lambda self, model, inputs: None)
     plain_metrics, plain = run("plain")
     assert fast.keys() == plain.keys() and fast
