@@ -436,6 +436,7 @@ def run(
     if train_labels:
         s.train_label_counts = tuple(train_labels)
     s.train_demo = train_demo
+    load_at_start = [round(x, 2) for x in __import__("os").getloadavg()]
     tokenizer, tok_name = load_tokenizer()
     model = build_model(s.layers, s.seed)
     lora = with_lora(model, s.seed + 1)
@@ -470,7 +471,8 @@ def run(
         training=training,
         targets=evaluate_targets(scoring, training),
     )
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    result["machine"]["load_average_at_end"] = result["machine"]["load_average_at_start"]  # machine_info ran at the end
+    result["machine"]["load_average_at_start"] = load_at_start
     date = time.strftime("%Y-%m-%d", time.gmtime())
     name = f"causal-{date}{'-quick' if quick else ''}{'' if scoring else f'-train{s.train_batch}'}.json"
     write_text(out / name, json.dumps(result, indent=2) + "\n")
