@@ -157,7 +157,7 @@ def test_trainer_with_grad_accumulation_learns_the_same_adapter_as_the_model_los
     fast_metrics, fast = run("fast")
     # 3 steps x 2 micro-batches of 4 through the shared prefix, then the validation loss (60 examples, batch 32).
     assert shared_calls[:6] == [4] * 6 and len(shared_calls) == 8
-    monkeypatch.setattr(CausalFamily, "training_loss", lambda self, model, inputs: None)
+    monkeypatch.setattr(CausalFamily, "training_loss", lambda self, model, inputs, weights=None: None)
     plain_metrics, plain = run("plain")
     assert fast.keys() == plain.keys() and fast
     for k in fast:
@@ -174,3 +174,17 @@ def test_training_loss_under_autocast_matches_the_model_loss(causal, demo_rows):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours, theirs = family.training_loss(model, batch), model(**batch).loss
     assert torch.isfinite(ours) and abs(ours.item() - theirs.item()) < 0.05 * abs(theirs.item())
+
+
+def test_class_weighted_loss_equals_the_weighted_model_loss(causal, demo_rows, shared_calls):
+    """train.class_weights: per-row weights, with a row off the prefix path, against forward_loss (the DDP way)."""
+    family = _lora_family(causal, seed=5)
+    encoded, _ = _batch(family, demo_rows["train"][:5])
+    features = [*encoded.features[:4], {k: list(v[1:]) for k, v in encoded.features[4].items()}]
+    batch = family.collator()(features)
+    weights = torch.tensor([0.5, 2.0, 1.0, 1.5, 3.0])
+    model = family.model
+
+    ours = _loss_and_grads(model, lambda: family.training_loss(model, batch, weights))
+    assert shared_calls == [4]
+    _assert_same(ours, _loss_and_grads(model, lambda: family.forward_loss(model, batch, weights)))

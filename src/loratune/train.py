@@ -66,6 +66,7 @@ from .models import attach_lora, count_parameters, load_base, prompt_spec, resol
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
 from .tables import source_fingerprint
+from .validation_loss import FamilyValidationLoss
 
 __all__ = ["TrainResult", "TrainingDiverged", "train"]
 
@@ -309,7 +310,7 @@ def _selection_metric(cfg: Config) -> str:
     return "micro_f1" if cfg.data.multi_label else "accuracy"
 
 
-class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
+class ClassifierTrainer(FamilyValidationLoss, FiniteLossStep, AtomicCheckpoints, Trainer):
     """HF Trainer whose evaluation adds end-to-end label accuracy through ``validation``'s Classifier (score mode).
 
     Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.
@@ -335,17 +336,6 @@ class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
             if loss is not None:
                 return loss
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # The validation loss through the family's loss too (causal: shared prefix once, LM head at label
-        # positions only): the same value as the model's loss at a fraction of the cost.
-        if prediction_loss_only and self.args.world_size == 1:
-            inputs = {k: v for k, v in self._prepare_inputs(inputs).items() if k != "weight"}  # unweighted, as before
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.validator.family.training_loss(model, inputs)
-            if loss is not None:
-                return loss.detach(), None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
