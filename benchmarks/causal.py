@@ -4,6 +4,7 @@
                                            #   and its table in docs/BENCHMARKS.md
     python -m benchmarks.causal --repeats 2   # the same, 2 interleaved repetitions instead of 3
     python -m benchmarks.causal --quick    # 4 layers, 16 examples, 1 repetition: a ~2-3 min smoke run
+    python -m benchmarks.causal --no-scoring --repeats 3   # training rows only (5, 77 labels, demo settings)
 
 What runs, all in this one process, interleaved per repetition; tables quote medians:
 * scoring: ``causal_scoring.CausalLabelScorer`` (prefix KV once, one tree-attention pass per batch of 32,
@@ -13,8 +14,9 @@ What runs, all in this one process, interleaved per repetition; tables quote med
   if one example does not fit, label chunks (the prompt re-run per chunk), that stay under ``--naive-cap-gb``;
   the row says which. Its scores are compared with the new scorer's on the same examples.
 * a training step (loss + backward through a LoRA adapter, no optimizer step): the model's own loss on the
-  full prompts vs ``causal_lm_loss`` (LM head only at label positions) vs ``shared_prefix_lm_loss`` (also the
-  instruction + label-list prefix run once per batch). The three losses are compared too.
+  full prompts vs ``causal_lm_loss`` (LM head only at label positions) vs ``CausalFamily.training_loss`` (what
+  ``loratune train`` runs: also the instruction + label-list prefix once per batch), for synthetic label sets and
+  for the demo's settings (benchmarks/causal_train.py). The losses are compared too.
 
 The model is a ``LlamaForCausalLM`` with SmolLM2-135M's config (hidden 576, 30 layers, 9 heads, 3 KV heads,
 intermediate 1536, vocabulary 49152, tied embeddings) and random weights: speed does not depend on weight values.
@@ -38,11 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import causal_train
 from benchmarks.run import WORDS, PeakMemory, machine_info
 from loratune.atomic import write_text
-from loratune.causal_scoring import CausalLabelScorer, causal_lm_loss, shared_prefix_lm_loss, split_shared_prefix
+from loratune.causal_scoring import CausalLabelScorer, split_shared_prefix
 from loratune.families import CausalFamily
-from loratune.families.causal import causal_collator, causal_label_ids, causal_score_ids
+from loratune.families.causal import causal_label_ids, causal_score_ids
 from loratune.prompt import format_example
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,8 +71,7 @@ LABEL_HEADS = (
     "meeting calendar reminder recipe restaurant"
 ).split()
 LABEL_TAILS = "status balance change cancel book limit history request update reset info due report".split()
-TARGETS = {"score_151_vs_naive": 10.0, "score_151_peak_gb_batch32": 4.0, "score_151_per_example_vs_5": 4.0, "train_77_vs_naive": 5.0}
-TRAIN_MICRO_BATCH = 8
+TARGETS = {"score_151_vs_naive": 10.0, "score_151_peak_gb_batch32": 4.0, "score_151_per_example_vs_5": 4.0}
 MAX_LENGTH = 4096  # never truncate: the 151-label prompt is ~1k tokens
 
 
@@ -87,6 +89,8 @@ class Settings:
     naive_cap_gb: float
     score_batch: int = 32
     seed: int = 0
+    train_demo: bool = True
+    """Also a training case with the demo's settings (shipped tickets, demo prompt and LoRA modules)."""
 
     @classmethod
     def for_mode(cls, quick: bool, naive_cap_gb: float) -> Settings:
@@ -287,75 +291,17 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
     return rows
 
 
-def training_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo) -> list[dict]:
-    lora = with_lora(model, s.seed + 1).train()
+def training_cases(s: Settings, model, tokenizer, loads: dict[int, Workload]) -> list[causal_train.Case]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    collate = causal_collator(tokenizer)
-    batches = {}
-    for n in s.train_label_counts:
-        w = loads[n]
-        targets = [w.labels[i % n] for i in range(s.train_batch)]
-        full = collate(family(tokenizer, w.labels).encode(w.prompts[: s.train_batch], targets).features)
-        cut = len(w.prefix)
-        batches[n] = (full, w.prefix, {k: v[:, cut:] for k, v in full.items()})
-    methods = {
-        "model loss (naive)": lambda full, prefix, suf: lora(**full).loss,
-        "label-position loss": lambda full, prefix, suf: causal_lm_loss(lora, full["input_ids"], full["attention_mask"], full["labels"]),
-        "shared prefix + label-position loss": lambda full, prefix, suf: shared_prefix_lm_loss(
-            lora, prefix, suf["input_ids"], suf["attention_mask"], suf["labels"]
-        ),
-    }
-    samples: dict[tuple[int, str], list[dict]] = {}
-    losses: dict[tuple[int, str], float] = {}
-    full_prompt = {"model loss (naive)", "label-position loss"}
-
-    def step(name, args):
-        """One loss + backward over the batch; full-prompt methods in micro-batches of TRAIN_MICRO_BATCH rows
-        (their activations at 400+ tokens x 16 rows would not fit beside other jobs), each weighted by its label
-        tokens, so the gradient equals the whole batch's."""
-        lora.zero_grad(set_to_none=True)
-        full, prefix, suf = args
-        parts = [slice(0, len(full["input_ids"]))]
-        if name in full_prompt:
-            parts = [slice(i, i + TRAIN_MICRO_BATCH) for i in range(0, len(full["input_ids"]), TRAIN_MICRO_BATCH)]
-        n_tokens = int((full["labels"][:, 1:] != -100).sum())
-        total = 0.0
-        for part in parts:
-            sub_full = {k: v[part] for k, v in full.items()}
-            sub_suf = {k: v[part] for k, v in suf.items()}
-            weight = int((sub_full["labels"][:, 1:] != -100).sum()) / n_tokens
-            loss = methods[name](sub_full, prefix, sub_suf) * weight
-            loss.backward()
-            total += loss.item()
-        return total
-
-    for args in batches.values():  # warm-up: first backward allocates
-        step("shared prefix + label-position loss", args)
-    for rep in range(s.repeats):
-        for n, args in batches.items():
-            for name in methods:
-                with PeakMemory(torch.device("cpu")) as mem:
-                    loss, sec = timed(step, name, args)
-                losses.setdefault((n, name), loss)
-                samples.setdefault((n, name), []).append(dict(s=sec, mem=mem))
-                echo(f"  rep {rep + 1}/{s.repeats} train {n:>3} labels, {name}: {s.train_batch / sec:.2f} ex/s (loss {loss:.5f})")
-    rows = []
-    for (n, name), runs in samples.items():
-        row = dict(
-            n_labels=n,
-            method=name,
-            batch=s.train_batch,
-            prompt_tokens=int(batches[n][0]["attention_mask"].sum(1).float().mean()),
-            examples_per_s=round(statistics.median(s.train_batch / r["s"] for r in runs), 3),
-            step_s=round(statistics.median(r["s"] for r in runs), 2),
-            loss=losses[(n, name)],
-            loss_diff_vs_naive=abs(losses[(n, name)] - losses[(n, "model loss (naive)")]),
-        )
-        for r in runs:
-            r["mem"].merge_into(row)
-        rows.append(row)
-    return rows
+    lora = causal_train.with_lora(model, s.seed + 1).train()  # one copy of the model for every synthetic case
+    cases = [
+        causal_train.synthetic_case(lora, tokenizer, n, loads[n].labels, loads[n].prompts, s.train_batch, MAX_LENGTH)
+        for n in s.train_label_counts
+    ]
+    if s.train_demo:
+        cases.append(causal_train.demo_case(model, tokenizer, s.train_batch, s.seed + 3))
+    return cases
 
 
 def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
@@ -393,17 +339,7 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
                 met=c151 / c5 <= TARGETS["score_151_per_example_vs_5"],
             )
         )
-    t_new = get(training, 77, "shared prefix + label-position loss", "examples_per_s")
-    t_naive = get(training, 77, "model loss (naive)", "examples_per_s")
-    if t_new and t_naive:
-        out.append(
-            dict(
-                target="77 labels: training step vs naive",
-                need=f">= {TARGETS['train_77_vs_naive']}x",
-                got=f"{t_new / t_naive:.1f}x",
-                met=t_new / t_naive >= TARGETS["train_77_vs_naive"],
-            )
-        )
+    out += causal_train.training_targets(training)
     agree = [r["agreement_vs_new"] for r in scoring if r["method"] == "naive"]
     if agree:
         out.append(
@@ -420,19 +356,26 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
 
 def markdown(r: dict) -> str:
     s, m = r["settings"], r["machine"]
+    what = "scoring and training" if r["scoring"] else "training step"
     lines = [
-        f"### Causal scoring and training, SmolLM2-135M shape ({s['layers']} layers{', QUICK' if s['quick'] else ''})",
+        f"### Causal {what}, SmolLM2-135M shape ({s['layers']} layers{', QUICK' if s['quick'] else ''})",
         "",
         f"`{r['command']}` on {m['date']}: {m['cpu']}, {m['logical_cpus']} logical CPUs shared with other jobs "
-        f"(load average at start {m['load_average_at_start']}), torch {m['torch']} ({m['torch_threads']} threads), "
-        f"transformers {m['transformers']}. Tokenizer: {r['tokenizer']}. Random weights; medians of {s['repeats']} "
-        "interleaved repetitions (the naive scorer: one example per repetition). Naive = the previous "
-        "`predict.causal_label_logprobs`; where a batch of 32 would "
-        f"exceed {s['naive_cap_gb']} GB it runs at a smaller batch or in label chunks (columns `batch`, `chunk`).",
-        "",
-        "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB (growth) | ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"(load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}), torch {m['torch']} "
+        f"({m['torch_threads']} threads), transformers {m['transformers']}. Tokenizer: {r['tokenizer']}. Random weights; "
+        f"medians of {s['repeats']} interleaved repetitions.",
     ]
+    if r["scoring"]:
+        lines[-1] += (
+            " The naive scorer: one example per repetition. Naive = the previous "
+            "`predict.causal_label_logprobs`; where a batch of 32 would "
+            f"exceed {s['naive_cap_gb']} GB it runs at a smaller batch or in label chunks (columns `batch`, `chunk`)."
+        )
+        lines += [
+            "",
+            "| labels | method | batch | prefix tok | suffix tok | trie nodes | ex/s | s/ex | peak RSS MB (growth) | ratio |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     by = {(x["n_labels"], x["method"]): x for x in r["scoring"]}
     for x in r["scoring"]:
         base = by.get((x["n_labels"], "naive"))
@@ -451,36 +394,25 @@ def markdown(r: dict) -> str:
             f"| {x['n_labels']} | {method} | {x['batch']} | {' | '.join(extra)} | {x['examples_per_s']} | "
             f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} ({x.get('rss_growth_mb', '')}) | {ratio} |"
         )
-    lines += [
-        "",
-        "| labels | training step (LoRA r=8 q,v; loss + backward) | batch | prompt tok | ex/s | step s | "
-        "peak RSS MB | loss diff vs naive | ratio |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    tb = {(x["n_labels"], x["method"]): x for x in r["training"]}
-    for x in r["training"]:
-        base = tb[(x["n_labels"], "model loss (naive)")]
-        lines.append(
-            f"| {x['n_labels']} | {x['method']} | {x['batch']} | {x['prompt_tokens']} | {x['examples_per_s']} | "
-            f"{x['step_s']} | {x.get('peak_rss_mb', '')} | {x['loss_diff_vs_naive']:.1e} | "
-            f"{x['examples_per_s'] / base['examples_per_s']:.1f}x |"
-        )
-    lines += ["", "| target (issue 15) | need | got | met |", "|---|---|---|---|"]
+    lines += ["", *causal_train.training_markdown(r["training"])]
+    lines += ["", "| target (issues 14, 15) | need | got | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['need']} | {t['got']} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
     return "\n".join(lines) + "\n"
 
 
 BEGIN, END = "<!-- causal-benchmark:begin -->", "<!-- causal-benchmark:end -->"
+TRAIN_BEGIN, TRAIN_END = "<!-- causal-training:begin -->", "<!-- causal-training:end -->"
 
 
-def update_docs(table: str, path: Path = DOCS) -> None:
-    """Put the table between the causal markers in docs/BENCHMARKS.md (appended the first time)."""
+def update_docs(table: str, path: Path = DOCS, markers: tuple[str, str] = (BEGIN, END)) -> None:
+    """Put the table between the markers in docs/BENCHMARKS.md (appended the first time)."""
+    begin, end = markers
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{table}{END}"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    block = f"{begin}\n{table}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
-        text = text.rstrip("\n") + "\n\n## Causal LMs: shared-prefix scoring (issue 15)\n\n" + block + "\n"
+        text = text.rstrip("\n") + "\n\n## Causal LMs: shared-prefix scoring and training (issue 15)\n\n" + block + "\n"
     write_text(path, text)
 
 
@@ -493,6 +425,7 @@ def run(
     train_batch: int | None = None,
     scoring: bool = True,
     train_labels: list[int] | None = None,
+    train_demo: bool = True,
     echo=print,
 ) -> dict:
     s = Settings.for_mode(quick, naive_cap_gb)
@@ -502,6 +435,8 @@ def run(
         s.train_batch = train_batch
     if train_labels:
         s.train_label_counts = tuple(train_labels)
+    s.train_demo = train_demo
+    load_at_start = [round(x, 2) for x in __import__("os").getloadavg()]
     tokenizer, tok_name = load_tokenizer()
     model = build_model(s.layers, s.seed)
     lora = with_lora(model, s.seed + 1)
@@ -515,13 +450,15 @@ def run(
     with torch.inference_mode():
         scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo) if scoring else []
     del scoring_model
-    training = training_rows(s, model, tokenizer, loads, echo)
+    cases = training_cases(s, model, tokenizer, loads)
+    training = causal_train.training_rows(cases, s.repeats, lambda: PeakMemory(torch.device("cpu")), echo)
     flags = [
         " --quick" * quick,
         f" --repeats {repeats}" * bool(repeats),
         f" --train-batch {train_batch}" * bool(train_batch),
         " --no-scoring" * (not scoring),
         f" --train-labels {' '.join(map(str, train_labels or []))}" * bool(train_labels),
+        " --no-demo" * (not train_demo),
     ]
     command = "python -m benchmarks.causal" + "".join(flags)
     result = dict(
@@ -534,13 +471,14 @@ def run(
         training=training,
         targets=evaluate_targets(scoring, training),
     )
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in __import__("os").getloadavg()]
+    result["machine"]["load_average_at_end"] = result["machine"]["load_average_at_start"]  # machine_info ran at the end
+    result["machine"]["load_average_at_start"] = load_at_start
     date = time.strftime("%Y-%m-%d", time.gmtime())
     name = f"causal-{date}{'-quick' if quick else ''}{'' if scoring else f'-train{s.train_batch}'}.json"
     write_text(out / name, json.dumps(result, indent=2) + "\n")
     table = markdown(result)
-    if docs and scoring:
-        update_docs(table)
+    if docs:
+        update_docs(table, markers=(BEGIN, END) if scoring else (TRAIN_BEGIN, TRAIN_END))
     echo(table)
     echo(f"wrote {out / name}")
     return result
@@ -555,6 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-batch", type=int, help="examples per training step (default: 8, quick: 4)")
     parser.add_argument("--no-scoring", action="store_true", help="training rows only (the docs table is not updated)")
     parser.add_argument("--train-labels", type=int, nargs="+", help="label counts for the training rows (default: 5 77)")
+    parser.add_argument("--no-demo", action="store_true", help="no training row with the demo's settings")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     run(
@@ -566,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         train_batch=args.train_batch,
         scoring=not args.no_scoring,
         train_labels=args.train_labels,
+        train_demo=not args.no_demo,
     )
 
 

@@ -24,7 +24,8 @@ Training: :func:`causal_lm_loss` is the model's own causal-LM loss with the LM h
 positions; :func:`shared_prefix_lm_loss` also runs the shared prefix once per batch (graph kept). Both call the
 decoder body directly, not the model's ``forward``: under DistributedDataParallel call them inside the wrapped
 module's forward (DDP prepares its gradient reduction there), never on the unwrapped module.
-:func:`split_shared_prefix` splits token-id prompts into that prefix and the suffixes.
+:func:`split_shared_prefix` splits token-id prompts into that prefix and the suffixes;
+:func:`shared_prefix_batch_loss` takes a collated batch of whole sequences (what training uses).
 """
 
 from __future__ import annotations
@@ -296,7 +297,12 @@ def split_shared_prefix(prompt_ids: Sequence[Sequence[int]], min_suffix: int = 1
 
 
 def shared_prefix_lm_loss(
-    model, prefix_ids: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model,
+    prefix_ids: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``prefix_ids + row`` for every row, with the prefix run once per batch.
 
@@ -308,6 +314,8 @@ def shared_prefix_lm_loss(
     if (labels[:, 0] != IGNORE_INDEX).any():
         raise ValueError("the first suffix token cannot be a label: the prefix's last position would predict it")
     base = _base(model)
+    if prefix_ids and _checkpointing(base):
+        raise ValueError("gradient checkpointing drops the prefix cache; use causal_lm_loss")
     decoder, config = base.get_decoder(), base.config
     device, (b, width) = input_ids.device, input_ids.shape
     cache_name = _cache_argument(decoder)
@@ -317,10 +325,72 @@ def shared_prefix_lm_loss(
         kv = _prefix_forward(decoder, cache_name, config, prefix_ids, device)
         extra = {cache_name: _prefix_cache(config, kv, b), "use_cache": True}
     dtype = decoder.get_input_embeddings().weight.dtype
+    if torch.is_autocast_enabled(device.type):  # bf16/fp16 training: SDPA wants the mask in the queries' dtype
+        dtype = torch.get_autocast_dtype(device.type)
     mask = _tree_mask(attention_mask.sum(1), width, None, n_prefix, dtype)
     positions = (torch.arange(width, device=device) + n_prefix).expand(b, -1)
     hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    if weights is not None:  # class weights: per-example means, weighted (as causal_lm_loss)
+        from .families.common import weighted_token_mean
+
+        return weighted_token_mean(torch.nn.functional.cross_entropy(logits, targets[keep], reduction="none"), keep, weights)
     return torch.nn.functional.cross_entropy(logits, targets[keep], reduction="mean")
+
+
+def _checkpointing(base) -> bool:
+    """Whether a forward now would run under gradient checkpointing, which drops any cache passed to a layer
+    (transformers' ``GradientCheckpointingLayer``): the prefix KV would silently vanish from the suffix pass."""
+    if not (base.training and torch.is_grad_enabled()):
+        return False
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+
+
+def shared_prefix_batch_loss(
+    model,
+    prefix_ids: Sequence[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of a right-padded batch of whole sequences (prompt + target), with ``prefix_ids`` run
+    once for every row that starts with it.
+
+    A row takes the shared path when its first ``len(prefix_ids)`` ids are the prefix and the token after them is
+    still unlabelled prompt; any other row (left padding, a text whose first token merged into the prefix's last
+    one) goes through :func:`causal_lm_loss` whole. The two parts' means are weighted by their label tokens, so the
+    result is the mean over all the batch's label tokens, the model's own loss. Under gradient checkpointing
+    (which drops caches) every row takes the plain path. With class ``weights`` (one per row) the loss is
+    :func:`causal_lm_loss`'s weighted one, mean over rows of weight x row mean, and the parts are weighted by rows.
+    """
+    n, width = len(prefix_ids), input_ids.shape[1]
+    base = _base(model)
+    if n == 0 or width <= n or _checkpointing(base):
+        return causal_lm_loss(model, input_ids, attention_mask, labels, weights)
+    prefix = torch.as_tensor(list(prefix_ids), dtype=input_ids.dtype, device=input_ids.device)
+    shared = (input_ids[:, :n] == prefix).all(1) & attention_mask[:, : n + 1].bool().all(1) & (labels[:, : n + 1] == IGNORE_INDEX).all(1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(1)
+    parts = []
+    for rows, is_shared in ((shared, True), (~shared, False)):
+        size = int(counts[rows].sum()) if weights is None else int(rows.sum())  # what each part's mean is over
+        if size == 0:
+            continue
+        cut = n if is_shared else 0
+        ids, mask, lab = input_ids[rows, cut:], attention_mask[rows, cut:], labels[rows, cut:]
+        used = int(mask.sum(1).max())  # drop columns that are padding in every row of this part
+        ids, mask, lab = ids[:, :used], mask[:, :used], lab[:, :used]
+        w = None if weights is None else weights[rows]
+        if is_shared:
+            loss = shared_prefix_lm_loss(model, prefix_ids, ids, mask, lab, w)
+        else:
+            loss = causal_lm_loss(model, ids, mask, lab, w)
+        parts.append((loss, size))
+    if not parts:  # no label token at all: the model's own loss (NaN) rather than a made-up value
+        return causal_lm_loss(model, input_ids, attention_mask, labels, weights)
+    if len(parts) == 1:
+        return parts[0][0]
+    total = sum(t for _, t in parts)
+    return sum(loss * (t / total) for loss, t in parts)

@@ -19,14 +19,16 @@ SAMPLES = [
     "Where is my parcel? Tracking hasn't moved in a week.",
 ]
 SMOLLM2_BUDGET = {
-    "train.max_steps": 40,
+    "train.max_steps": 100,
     "train.batch_size": 8,
     "train.lr": 2e-3,
-    "train.eval_steps": 20,
+    "train.eval_steps": 0,  # one validation, at the end (max_steps ends inside the first epoch)
     "predict.max_new_tokens": 6,
-    "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # Every linear layer, not attention only: 86.5% vs 71.0% validation accuracy after the same 40 steps (docs/MODELS.md).
+    "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-"""A 135M-parameter causal LM on a CPU: a short run that fits the demo's 10-minute budget on 2 cores."""
+"""A 135M-parameter causal LM on a CPU: 100 steps of 8 tickets (0.93 epoch) reached 91.0% test accuracy in score
+mode (docs/MODELS.md); the whole demo took 10.9 min on one thread of the loaded 2-core machine (README)."""
 
 
 def pick_model(requested: str | None) -> tuple[str, str]:

@@ -66,6 +66,7 @@ from .models import attach_lora, count_parameters, load_base, prompt_spec, resol
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
 from .tables import source_fingerprint
+from .validation_loss import FamilyValidationLoss
 
 __all__ = ["TrainResult", "TrainingDiverged", "train"]
 
@@ -309,7 +310,7 @@ def _selection_metric(cfg: Config) -> str:
     return "micro_f1" if cfg.data.multi_label else "accuracy"
 
 
-class ClassifierTrainer(FiniteLossStep, AtomicCheckpoints, Trainer):
+class ClassifierTrainer(FamilyValidationLoss, FiniteLossStep, AtomicCheckpoints, Trainer):
     """HF Trainer whose evaluation adds end-to-end label accuracy through ``validation``'s Classifier (score mode).
 
     Multi-label: micro-F1 and subset accuracy instead, from the same thresholded predictions ``predict`` makes.

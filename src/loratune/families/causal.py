@@ -186,11 +186,15 @@ class CausalFamily(Family):
         return causal_collator(self.tokenizer, pad_to_multiple_of)
 
     def training_loss(self, model, inputs, weights=None):
-        """The model's own loss with the 49k-vocabulary head applied only at label positions (1.5x faster steps
-        on SmolLM2's shape, docs/BENCHMARKS.md); equal to it within 1e-5 (tests/test_causal_scoring.py)."""
-        from ..causal_scoring import causal_lm_loss
+        """The model's own loss, computed the fast way: the shared prefix (chat header, instruction, label list)
+        runs once per batch with its graph kept, and the 49k-vocabulary head only at label positions. Equal to
+        ``model(**inputs).loss`` and its gradients within fp32 rounding (tests/test_causal_training.py); rows that
+        do not start with the prefix, and runs under gradient checkpointing, take the plain path."""
+        from ..causal_scoring import shared_prefix_batch_loss
 
-        return causal_lm_loss(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"], weights)
+        return shared_prefix_batch_loss(
+            model, self.shared_prefix(), inputs["input_ids"], inputs["attention_mask"], inputs["labels"], weights
+        )
 
     def label_logprobs(self, texts, batch_size=32, progress=None):
         """Every prompt is the spec's shared prefix (chat header, instruction, label list) + its own suffix (text,
