@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import LoratuneError
+from .report_to import report_to_problems
 
 DEFAULT_MODEL = "google/flan-t5-small"
 FAMILIES = ("auto", "seq2seq", "causal", "encoder")
@@ -28,23 +29,6 @@ CHAT_TEMPLATES = ("auto", "on", "off")
 CLASS_WEIGHTS = ("none", "auto")
 ALL_LINEAR = "all-linear"
 """PEFT's keyword for every linear layer but the output layer (``lora.target_modules``)."""
-# train.report_to: the HF Trainer's integrations and the module each needs (the pip package of the same name,
-# except where REPORT_PACKAGES says otherwise).
-REPORT_TO = {
-    "none": None,
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "mlflow": "mlflow",
-    "comet_ml": "comet_ml",
-    "clearml": "clearml",
-    "dvclive": "dvclive",
-    "neptune": "neptune",
-    "trackio": "trackio",
-    "swanlab": "swanlab",
-    "codecarbon": "codecarbon",
-    "azure_ml": "azureml",
-}
-REPORT_PACKAGES = {"azureml": "azureml-core", "comet_ml": "comet-ml"}
 QUANTIZE = ("none", "int8")
 # Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
 MAX_BATCH_SIZE = 1 << 20
@@ -432,25 +416,3 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"lora.target_modules: {ALL_LINEAR} already means every linear layer; give it alone or list module names")
     if problems:
         raise LoratuneError("invalid configuration: " + "; ".join(problems))
-
-
-def report_to_list(value: str) -> list[str]:
-    """``train.report_to`` as the Trainer's list of integrations ([] for none)."""
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    return [] if names in ([], ["none"]) else names
-
-
-def report_to_problems(value: str) -> list[str]:
-    """Unknown or not installed ``train.report_to`` integrations, one sentence each (with the pip command)."""
-    import importlib.util
-
-    problems = []
-    for name in report_to_list(value):
-        module = REPORT_TO.get(name, "")
-        if name not in REPORT_TO or module is None:
-            known = ", ".join(REPORT_TO)
-            problems.append(f"train.report_to={name!r} is not a Trainer integration loratune knows (one of {known})")
-        elif importlib.util.find_spec(module) is None:
-            package = REPORT_PACKAGES.get(module, module)
-            problems.append(f"train.report_to={name} needs the {package} package, which is not installed: pip install {package}")
-    return problems

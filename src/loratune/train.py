@@ -53,7 +53,7 @@ from .checkpoints import (
     space_needed,
 )
 from .class_weights import WeightedCollator, class_weights
-from .config import Config, apply_family_defaults, report_to_list, validate
+from .config import Config, apply_family_defaults, validate
 from .console import progress
 from .data import Splits, example_labels, label_counts, load_splits
 from .errors import LoratuneError
@@ -65,6 +65,7 @@ from .model_card import hub_origin, packaged_copy_of, point_config_at_hub, write
 from .models import attach_lora, count_parameters, load_base, prompt_spec, resolve_model_name
 from .predict import Classifier, decide_labels, pick_device
 from .prompt import MAX_SCORED_LABELS, PromptSpec
+from .report_to import report_to_list
 from .tables import source_fingerprint
 from .validation_loss import FamilyValidationLoss
 
