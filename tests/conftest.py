@@ -179,3 +179,23 @@ def run_main(args, capsys) -> tuple[int, str, str]:
         sys.argv = old
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """Run ``loratune ARGS`` through its console entry point in this process: (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from loratune.cli import main
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["loratune", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()

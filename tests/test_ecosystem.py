@@ -9,12 +9,11 @@ import dataclasses
 import io
 import json
 import re
-import sys
 import typing
 
 import numpy as np
 import pytest
-from conftest import LABELS, TINY_FIXTURES, tiny_config, write_jsonl
+from conftest import LABELS, TINY_FIXTURES, cli, tiny_config, write_jsonl
 
 from loratune.errors import LoratuneError
 
@@ -41,22 +40,6 @@ def data(tmp_path_factory, demo_rows):
         "val": write_jsonl(d / "val.jsonl", demo_rows["val"][:20]),
         "test": write_jsonl(d / "test.jsonl", demo_rows["test"][:20]),
     }
-
-
-def cli(*args) -> tuple[int, str, str]:
-    from loratune.cli import main
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["loratune", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def cls_pooling() -> list[str]:

@@ -4,14 +4,11 @@ The end-to-end test is the same for every family: the real ``loratune`` entry po
 the suite fast) trains on the family's tiny fixture, then predicts and compares with the saved adapter.
 """
 
-import contextlib
-import io
 import json
-import sys
 
 import numpy as np
 import pytest
-from conftest import LABELS, TINY_FIXTURES, write_jsonl
+from conftest import LABELS, TINY_FIXTURES, cli, write_jsonl
 
 from loratune.errors import LoratuneError
 
@@ -47,23 +44,6 @@ def data(tmp_path_factory, demo_rows):
         "val": write_jsonl(d / "val.jsonl", demo_rows["val"][:30]),
         "test": write_jsonl(d / "test.jsonl", demo_rows["test"][:30]),
     }
-
-
-def cli(*args) -> tuple[int, str, str]:
-    """Run ``loratune ARGS`` through its console entry point in this process: (exit code, stdout, stderr)."""
-    from loratune.cli import main
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["loratune", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
