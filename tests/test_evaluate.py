@@ -54,6 +54,23 @@ def test_confusion_figure_shows_counts_beside_row_shares(tmp_path):
     assert "| b | 5 (50%) | 5 (50%) |" in md and "invalid" not in md.split("Confusion matrix")[1]
 
 
+def test_summary_tables_show_invalid_only_where_it_can_occur(capsys):
+    from loratune.console import print_summary
+    from loratune.evaluate import report_markdown
+
+    gold = ["a", "b", "a", "b"]
+    row = {"ms_per_example": 1.0, "examples_per_s": 1.0}
+    score = {"model": "adapter", "mode": "score", **compute_metrics(gold, ["a", "b", "a", "a"], ["a", "b"]), **row}
+    report = {"dataset": "d", "n": 4, "labels": ["a", "b"], "disagreements": {}, "results": [score]}
+    print_summary(report, None)
+    assert "invalid" not in capsys.readouterr().out and "invalid" not in report_markdown(report).split("## ")[0]
+    generate = {**score, "mode": "generate", **compute_metrics(gold, ["a", INVALID, "a", "b"], ["a", "b"], True)}
+    report["results"].append(generate)
+    print_summary(report, None)
+    table = report_markdown(report).split("## ")[0]
+    assert "invalid" in capsys.readouterr().out and "| invalid |" in table and "| 25.0% |" in table
+
+
 def test_evaluate_and_report_files(trained, small_data, tmp_path):
     examples = read_examples(small_data["test"])
     tuned = Classifier.from_pretrained(trained.adapter_dir)

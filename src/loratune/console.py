@@ -79,13 +79,14 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         return print_multilabel_summary(report, out_dir)
     abstain = any("in_scope_accuracy" in r for r in report["results"])
     extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
+    invalid = shows_invalid(report)
     table = Table(
         "model",
         "mode",
         "accuracy",
         "macro-F1",
         "weighted-F1",
-        "invalid",
+        *(("invalid",) if invalid else ()),
         *extra,
         "examples/s",
         title=f"{report['dataset']} ({report['n']} examples)",
@@ -98,7 +99,7 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
             f"{100 * r['accuracy']:.1f}%",
             f"{100 * r['macro_f1']:.1f}%",
             f"{100 * r['weighted_f1']:.1f}%",
-            f"{100 * r['invalid_rate']:.1f}%",
+            *((f"{100 * r['invalid_rate']:.1f}%",) if invalid else ()),
             *cells,
             f"{r['examples_per_s']:.1f}",
         )
@@ -114,6 +115,11 @@ def _print_int8(console, report: dict) -> None:
 
     for row in report.get("int8", ()):
         console.print(describe(row), highlight=False)
+
+
+def shows_invalid(report: dict) -> bool:
+    """An ``invalid`` column only where free text can miss every label (generate mode) or something did."""
+    return any(r["mode"] == "generate" or r.get("invalid_rate") for r in report["results"])
 
 
 def pct(value) -> str:

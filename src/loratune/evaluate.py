@@ -192,20 +192,26 @@ def _fmt(x: float, pct: bool = True) -> str:
 def report_markdown(report: dict) -> str:
     if report.get("multi_label"):
         return multilabel_report_markdown(report)
+    from .console import shows_invalid
+
+    invalid = shows_invalid(report)
+    columns = ["model", "mode", "accuracy", "macro-F1", "weighted-F1", *(["invalid"] if invalid else [])]
+    columns += ["in-scope acc.", "oos recall", "abstained", "ms/example", "examples/s"]
     lines = [
         f"# loratune report: {report['dataset']} ({report['n']} examples)",
         "",
-        "| model | mode | accuracy | macro-F1 | weighted-F1 | invalid | in-scope acc. | oos recall | abstained | ms/example | examples/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
     ]
     for r in report["results"]:
         scope = " | ".join(_fmt(r[k]) if k in r else "-" for k in ("in_scope_accuracy", "oos_recall", "abstain_rate"))
         lines.append(
-            f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | "
-            f"{_fmt(r['weighted_f1'])} | {_fmt(r['invalid_rate'])} | {scope} | {r['ms_per_example']:.1f} | "
-            f"{r['examples_per_s']:.1f} |"
+            f"| {r['model']} | {r['mode']} | {_fmt(r['accuracy'])} | {_fmt(r['macro_f1'])} | {_fmt(r['weighted_f1'])} | "
+            + (f"{_fmt(r['invalid_rate'])} | " if invalid else "")
+            + f"{scope} | {r['ms_per_example']:.1f} | {r['examples_per_s']:.1f} |"
         )
-    lines += ["", "Accuracy counts end-to-end predictions only; `invalid` is generated text that matches no label.", ""]
+    note = "; `invalid` is generated text that matches no label" if invalid else ""
+    lines += ["", f"Accuracy counts end-to-end predictions only{note}.", ""]
     lines += _int8_lines(report)
     for r in report["results"]:
         lines += [f"## {r['model']} ({r['mode']})", "", "| label | precision | recall | F1 | support |", "|---|---|---|---|---|"]
