@@ -22,14 +22,7 @@ STEPS = {"seq2seq": 12, "causal": 12, "encoder": 24}
 TEXTS = ["I was charged twice for my subscription.", "The app crashes on startup.", "parcel never arrived"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
