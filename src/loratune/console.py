@@ -79,6 +79,8 @@ def print_summary(report: dict, out_dir: Path | None) -> None:
         return print_multilabel_summary(report, out_dir)
     abstain = any("in_scope_accuracy" in r for r in report["results"])
     extra = ("in-scope acc.", "oos recall", "abstained") if abstain else ()
+    from .evaluate import shows_invalid
+
     invalid = shows_invalid(report)
     table = Table(
         "model",
@@ -115,11 +117,6 @@ def _print_int8(console, report: dict) -> None:
 
     for row in report.get("int8", ()):
         console.print(describe(row), highlight=False)
-
-
-def shows_invalid(report: dict) -> bool:
-    """An ``invalid`` column only where free text can miss every label (generate mode) or something did."""
-    return any(r["mode"] == "generate" or r.get("invalid_rate") for r in report["results"])
 
 
 def pct(value) -> str:

@@ -189,11 +189,14 @@ def _fmt(x: float, pct: bool = True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.1f}"
 
 
+def shows_invalid(report: dict) -> bool:
+    """An ``invalid`` column only where free text can miss every label (generate mode) or something did."""
+    return any(r["mode"] == "generate" or r.get("invalid_rate") for r in report["results"])
+
+
 def report_markdown(report: dict) -> str:
     if report.get("multi_label"):
         return multilabel_report_markdown(report)
-    from .console import shows_invalid
-
     invalid = shows_invalid(report)
     columns = ["model", "mode", "accuracy", "macro-F1", "weighted-F1", *(["invalid"] if invalid else [])]
     columns += ["in-scope acc.", "oos recall", "abstained", "ms/example", "examples/s"]

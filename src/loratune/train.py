@@ -236,13 +236,14 @@ def train(
     if rank0:
         meta = _metadata(cfg, splits, base, model_name, spec, targets, saved_modules, metrics, (train_data, val_data), command)
         hub_id, revision = hub_origin(cfg.model.name, model_name)
-        shown = hub_id or (f"{packaged_copy_of(model_name)} (the copy at {model_name})" if packaged_copy_of(model_name) else model_name)
+        packaged = packaged_copy_of(model_name)
+        shown = hub_id or (f"{packaged} (the copy at {model_name})" if packaged else model_name)
         example = (splits.train[0].text, splits.train[0].label)
 
         def finish(tmp: Path) -> None:  # PEFT's files say where the base came from; the card says what this is
             if hub_id:
                 point_config_at_hub(tmp, hub_id, cfg.model.revision or revision)
-            write_card(tmp, meta, base.tokenizer, example, shown, hub_id or packaged_copy_of(model_name))
+            write_card(tmp, meta, base.tokenizer, example, shown, hub_id or packaged)
 
         with disk_full_as_error(final, lambda: space_needed(ckpt_dir, model), lambda: True):
             _write_final(ckpt_dir / BEST, final, meta, base.tokenizer, finish)
@@ -395,6 +396,8 @@ def _metadata(
     import peft
     import transformers
 
+    counts = label_counts(splits.train)
+
     from . import __version__
 
     return AdapterMeta(
@@ -414,7 +417,7 @@ def _metadata(
             "val": "split from train" if splits.val_is_split else source_fingerprint(cfg.data.val if tables[1] is None else tables[1]),
             "train_examples": len(splits.train),
             "val_examples": len(splits.val),
-            "label_counts": {label: label_counts(splits.train).get(label, 0) for label in splits.labels},
+            "label_counts": {label: counts.get(label, 0) for label in splits.labels},
         },
         command=command,
         versions={
