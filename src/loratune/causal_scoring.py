@@ -30,6 +30,8 @@ module's forward (DDP prepares its gradient reduction there), never on the unwra
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -126,6 +128,30 @@ def _tree_mask(lengths: torch.Tensor, width: int, node_visible: torch.Tensor | N
     return mask
 
 
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def _grouped_query_sdpa(config, device):
+    """On CPU, let SDPA attend grouped-query heads to their shared KV heads (``enable_gqa``) instead of copying.
+
+    transformers' SDPA path repeats each KV head for its query heads when a mask is given (``repeat_kv``): with the
+    prefix KV that is a copy of (batch x prefix) keys and values per layer, ~10% of a 151-label batch on SmolLM2's
+    shape. PyTorch's CPU kernel takes a mask together with ``enable_gqa`` and computes the same attention; the
+    switch is transformers' own (read per call). Only a speed choice: a concurrent call that misses it copies.
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    groups = kv_heads is not None and kv_heads < getattr(config, "num_attention_heads", kv_heads)
+    if device.type != "cpu" or not groups or getattr(config, "_attn_implementation", None) != "sdpa" or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
+
+
 class CausalLabelScorer:
     """Summed log-probability of each label's tokens after ``prefix + suffix_i``, for a causal LM.
 
@@ -199,7 +225,8 @@ class CausalLabelScorer:
         mask = _tree_mask(lengths, width, t.visible[1:, 1:], n_prefix, dtype)
 
         extra = {self._cache_name: _prefix_cache(self.config, kv, b), "use_cache": True} if n_prefix else {"use_cache": False}
-        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
+        with _grouped_query_sdpa(self.config, dev):
+            hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
         # Row n of each example: the hidden state that predicts the children of trie node n (root = last suffix token).
         root = hidden[torch.arange(b, device=dev), lengths - 1]
         node_hidden = torch.cat([root[:, None], hidden[:, width:]], 1)  # (b, N, H)
