@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.causal import build_model, load_tokenizer, synthetic_labels, synthetic_texts, workload
+from benchmarks.causal import build_model, load_tokenizer, synthetic_texts, without_gqa, workload
 from loratune.causal_scoring import CausalLabelScorer
 
 CLINC = Path("/work/shared/datasets/clinc150/train.jsonl")
@@ -97,19 +97,6 @@ def profile_batch(scorer: CausalLabelScorer, prefix, suffixes) -> dict:
         cat_copy_s=round((self_ms.get("aten::cat", 0) + self_ms.get("aten::copy_", 0)) / 1e3, 2),
         top_ops_self_s={k: round(v / 1e3, 2) for k, v in sorted(self_ms.items(), key=lambda kv: -kv[1])[:8]},
     )
-
-
-@contextlib.contextmanager
-def without_gqa():
-    """The scorer as before the grouped-query switch: transformers copies each KV head per query head."""
-    import loratune.causal_scoring as cs
-
-    saved = cs._grouped_query_sdpa
-    cs._grouped_query_sdpa = lambda config, device: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        cs._grouped_query_sdpa = saved
 
 
 def main(argv=None) -> None:
