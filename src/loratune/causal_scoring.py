@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .scoring import _logsumexp, build_label_trie
+from .scoring import build_label_trie
 
 IGNORE_INDEX = -100
 LOGIT_CHUNK_ELEMENTS = 1 << 24
@@ -126,6 +126,13 @@ def _tree_mask(lengths: torch.Tensor, width: int, node_visible: torch.Tensor | N
     mask = torch.zeros(b, 1, n_q, n_prefix + n_q, dtype=dtype, device=dev)
     mask[:, 0, :, n_prefix:].masked_fill_(~visible, torch.finfo(dtype).min)
     return mask
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """``scoring._logsumexp`` (the same operations, so the same result) computed in ``logits``' own storage: no
+    second (rows x vocabulary) buffer per chunk, whose page faults cost as much as the arithmetic on a loaded CPU."""
+    top = logits.amax(-1, keepdim=True)
+    return logits.sub_(top).clamp_(min=-80.0).exp_().sum(-1).log_() + top.squeeze(-1)
 
 
 _FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
@@ -242,8 +249,8 @@ class CausalLabelScorer:
         for start in range(0, b * n, rows):
             logits = self.lm_head(flat[start : start + rows])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            log_z.append(_logsumexp(logits))
-            picked.append(logits[:, self._wanted])
+            picked.append(logits[:, self._wanted])  # a copy: the logsumexp below overwrites the logits
+            log_z.append(_logsumexp_(logits))
         log_z = torch.cat(log_z).view(b, n)
         picked = torch.cat(picked).view(b, n, len(self._wanted))
         steps = picked[:, t.node, self._column] - log_z[:, t.node]  # (b, L, W)
