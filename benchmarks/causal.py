@@ -92,7 +92,7 @@ class Settings:
     score_batch: int = 32
     seed: int = 0
     copy_kv: bool = False
-    """Also the scorer as before the grouped-query switch (KV heads copied per query head): a before/after row."""
+    """Also the scorer as it was before the grouped-query switch and the in-place logsumexp: a before/after row."""
     train_demo: bool = True
     """Also a training case with the demo's settings (shipped tickets, demo prompt and LoRA modules)."""
 
@@ -231,20 +231,22 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
-COPY_KV = "shared-prefix, KV heads copied (before)"
+COPY_KV = "shared-prefix before (KV heads copied, allocating logsumexp)"
 
 
 @contextlib.contextmanager
 def without_gqa():
-    """The scorer as before its grouped-query switch: transformers' SDPA path copies each KV head per query head."""
+    """The scorer as it was before this branch: transformers' SDPA path copies each KV head per query head, and
+    the chunk logsumexp writes a second buffer (``scoring._logsumexp``)."""
     import loratune.causal_scoring as cs
+    from loratune.scoring import _logsumexp
 
-    saved = cs._grouped_query_sdpa
-    cs._grouped_query_sdpa = lambda config, device: contextlib.nullcontext()
+    saved = cs._grouped_query_sdpa, cs._logsumexp_
+    cs._grouped_query_sdpa, cs._logsumexp_ = (lambda config, device: contextlib.nullcontext()), _logsumexp
     try:
         yield
     finally:
-        cs._grouped_query_sdpa = saved
+        cs._grouped_query_sdpa, cs._logsumexp_ = saved
 
 
 def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo) -> list[dict]:
@@ -353,7 +355,7 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
                 met=peak / 1024 <= TARGETS["score_151_peak_gb_batch32"],
             )
         )
-    for method, note in (("shared-prefix", ""), (COPY_KV, " (before: KV heads copied)")):
+    for method, note in (("shared-prefix", ""), (COPY_KV, " (before)")):
         c151, c5 = get(scoring, 151, method, "seconds_per_example"), get(scoring, 5, method, "seconds_per_example")
         if c151 and c5:
             out.append(
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-labels", type=int, nargs="+", help="label counts for the training rows (default: 5 77)")
     parser.add_argument("--no-demo", action="store_true", help="no training row with the demo's settings")
     parser.add_argument("--no-training", action="store_true", help="scoring rows only (their own docs table)")
-    parser.add_argument("--copy-kv", action="store_true", help="also the scorer before its grouped-query switch (before/after)")
+    parser.add_argument("--copy-kv", action="store_true", help="also the scorer as before the grouped-query switch (before/after)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     run(
