@@ -12,7 +12,14 @@ prompt's KV cache once per label. :class:`CausalLabelScorer` instead:
   attention* (a node sees the prefix, its example's suffix, its ancestors and itself), at the positions the
   tokens would have if that label followed the suffix alone. Shared label prefixes are computed once;
 * applies the LM head only at the positions that predict a label token (the suffix's last token and the trie
-  nodes), in row chunks, keeping only the logsumexp and the label tokens' logits.
+  nodes), in row chunks, keeping only the logsumexp (computed in the chunk's own storage) and the label tokens'
+  logits;
+* on CPU with SDPA, lets grouped-query heads attend to their shared KV heads instead of copying the (batch x
+  prefix) keys and values once per query head (:func:`_grouped_query_sdpa`).
+
+What is left grows with the label set by construction: every trie node is a proper prefix of a label whose
+hidden state depends on the example, and each needs its full-vocabulary normaliser (docs/BENCHMARKS.md counts
+the work per example; ``python -m benchmarks.causal_profile``).
 
 Only the model's own modules run (``get_decoder()`` and ``get_output_embeddings()``), so LoRA layers (PEFT,
 merged or not) and the configured attention implementation are used as they are. Supported: models whose
