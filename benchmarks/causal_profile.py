@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python -m benchmarks.causal_profile                 # 30 layers, batch 8, synthetic + CLINC labels
     OMP_NUM_THREADS=1 python -m benchmarks.causal_profile --layers 4 --batch 32
+    OMP_NUM_THREADS=1 python -m benchmarks.causal_profile --sdpa --batch 32   # one layer's attention: copy vs GQA
 
 For each label set (the benchmark's synthetic intents and CLINC150's own intent names, at 5 and 151 labels) it
 prints the tokens each example puts through the model (suffix, padded suffix width, trie nodes fed, rows the LM
@@ -99,6 +100,39 @@ def profile_batch(scorer: CausalLabelScorer, prefix, suffixes) -> dict:
     )
 
 
+def _sdpa_case(p: int, q: int, batch: int, repeats: int) -> dict:
+    import torch.nn.functional as F
+
+    qs, k, v = torch.randn(batch, 9, q, 64), torch.randn(batch, 3, p + q, 64), torch.randn(batch, 3, p + q, 64)
+    mask = torch.zeros(batch, 1, q, p + q)
+    mask[..., p:] = torch.where(torch.rand(q, q) < 0.5, 0.0, torch.finfo(torch.float32).min).fill_diagonal_(0.0)
+
+    def copied():
+        kk, vv = (x[:, :, None].expand(batch, 3, 3, p + q, 64).reshape(batch, 9, p + q, 64) for x in (k, v))
+        return F.scaled_dot_product_attention(qs, kk, vv, attn_mask=mask)
+
+    def grouped():
+        return F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, enable_gqa=True)
+
+    assert torch.allclose(copied(), grouped(), atol=1e-5)
+    times = {"kv_copied_s": [], "enable_gqa_s": []}
+    for _ in range(repeats):
+        for key, fn in (("kv_copied_s", copied), ("enable_gqa_s", grouped)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {"prefix": p, "queries": q, "batch": batch} | {key: round(statistics.median(x), 4) for key, x in times.items()}
+
+
+def sdpa_kernels(shapes=((84, 43), (444, 155), (814, 228)), batch: int = 32, repeats: int = 5) -> None:
+    """One layer's attention at the scorer's shapes (prefix P, queries Q; SmolLM2's 9 query / 3 KV heads, a tree
+    mask): KV heads copied per query head and SDPA (transformers' path with a mask) vs SDPA's ``enable_gqa``.
+    Interleaved, medians of ``repeats``."""
+    torch.manual_seed(0)
+    for p, q in shapes:
+        print(json.dumps(_sdpa_case(p, q, batch, repeats)))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=30)
@@ -106,7 +140,12 @@ def main(argv=None) -> None:
     parser.add_argument("--label-counts", type=int, nargs="+", default=[5, 151])
     parser.add_argument("--sets", nargs="+", default=["synthetic", "clinc"])
     parser.add_argument("--variants", nargs="+", default=["copy-kv", "gqa"], help="copy-kv: without the grouped-query switch")
+    parser.add_argument("--sdpa", action="store_true", help="only one layer's attention, KV heads copied vs enable_gqa")
     args = parser.parse_args(argv)
+    if args.sdpa:
+        with torch.inference_mode():
+            sdpa_kernels(batch=args.batch)
+        return
     tokenizer, name = load_tokenizer()
     model = build_model(args.layers, 0)
     texts = synthetic_texts(args.batch, 2)
