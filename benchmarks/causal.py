@@ -5,6 +5,7 @@
     python -m benchmarks.causal --repeats 2   # the same, 2 interleaved repetitions instead of 3
     python -m benchmarks.causal --quick    # 4 layers, 16 examples, 1 repetition: a ~2-3 min smoke run
     python -m benchmarks.causal --no-scoring --repeats 3   # training rows only (5, 77 labels, demo settings)
+    python -m benchmarks.causal --no-training --repeats 2  # scoring rows only -> results/causal-<date>-scoring.json
 
 What runs, all in this one process, interleaved per repetition; tables quote medians:
 * scoring: ``causal_scoring.CausalLabelScorer`` (prefix KV once, one tree-attention pass per batch of 32,
@@ -28,6 +29,7 @@ Prompts are loratune's canonical prompt in SmolLM2's chat template (its real tok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import json
@@ -89,6 +91,8 @@ class Settings:
     naive_cap_gb: float
     score_batch: int = 32
     seed: int = 0
+    copy_kv: bool = False
+    """Also the scorer as it was before the grouped-query switch and the in-place logsumexp: a before/after row."""
     train_demo: bool = True
     """Also a training case with the demo's settings (shipped tickets, demo prompt and LoRA modules)."""
 
@@ -227,6 +231,24 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t0
 
 
+COPY_KV = "shared-prefix before (KV heads copied, allocating logsumexp)"
+
+
+@contextlib.contextmanager
+def without_gqa():
+    """The scorer as it was before this branch: transformers' SDPA path copies each KV head per query head, and
+    the chunk logsumexp writes a second buffer (``scoring._logsumexp``)."""
+    import loratune.causal_scoring as cs
+    from loratune.scoring import _logsumexp
+
+    saved = cs._grouped_query_sdpa, cs._logsumexp_
+    cs._grouped_query_sdpa, cs._logsumexp_ = (lambda config, device: contextlib.nullcontext()), _logsumexp
+    try:
+        yield
+    finally:
+        cs._grouped_query_sdpa, cs._logsumexp_ = saved
+
+
 def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo) -> list[dict]:
     samples: dict[tuple[int, str], list[dict]] = {}
     scorers = {n: CausalLabelScorer(model, w.label_ids) for n, w in loads.items()}
@@ -248,12 +270,17 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
     small = min(loads)
     scorers[small].score(loads[small].prefix, loads[small].suffixes[:2])
     naive_scores(model, tokenizer, loads[small], 1, 1, small)
-    agreement = {}
+    agreement, copy_diff = {}, {}
     for rep in range(s.repeats):
         for n, w in loads.items():
             with PeakMemory(torch.device("cpu")) as mem:
                 fast, sec = timed(scorers[n].score, w.prefix, w.suffixes[: s.n_score], batch_size=s.score_batch)
             samples.setdefault((n, "shared-prefix"), []).append(dict(s=sec, n=s.n_score, mem=mem))
+            if s.copy_kv:
+                with PeakMemory(torch.device("cpu")) as mem, without_gqa():
+                    before, sec = timed(scorers[n].score, w.prefix, w.suffixes[: s.n_score], batch_size=s.score_batch)
+                samples.setdefault((n, COPY_KV), []).append(dict(s=sec, n=s.n_score, mem=mem))
+                copy_diff[n] = max(copy_diff.get(n, 0.0), float(np.abs(before - fast).max()))
             i = info[n]
             with PeakMemory(torch.device("cpu")) as mem:
                 naive, sec = timed(naive_scores, model, tokenizer, w, s.n_naive, i["naive_batch"], i["naive_label_chunk"])
@@ -275,18 +302,17 @@ def scoring_rows(s: Settings, model, tokenizer, loads: dict[int, Workload], echo
         row = dict(
             n_labels=n,
             method=method,
-            batch=s.score_batch if method == "shared-prefix" else min(info[n]["naive_batch"], s.n_naive),
+            batch=s.score_batch if method != "naive" else min(info[n]["naive_batch"], s.n_naive),
             examples=runs[0]["n"],
             examples_per_s=round(statistics.median(r["n"] / r["s"] for r in runs), 3),
             seconds_per_example=round(statistics.median(r["s"] / r["n"] for r in runs), 3),
         )
         for r in runs:
             r["mem"].merge_into(row)
-        row.update(
-            info[n]
-            if method == "shared-prefix"
-            else {k: info[n][k] for k in ("naive_label_chunk", "naive_est_gb")} | {"agreement_vs_new": agreement[n]}
-        )
+        if method == "naive":
+            row.update({k: info[n][k] for k in ("naive_label_chunk", "naive_est_gb")} | {"agreement_vs_new": agreement[n]})
+        else:
+            row.update(info[n] | ({"max_abs_diff_vs_new": copy_diff[n]} if method == COPY_KV else {}))
         rows.append(row)
     return rows
 
@@ -329,16 +355,17 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
                 met=peak / 1024 <= TARGETS["score_151_peak_gb_batch32"],
             )
         )
-    c151, c5 = get(scoring, 151, "shared-prefix", "seconds_per_example"), get(scoring, 5, "shared-prefix", "seconds_per_example")
-    if c151 and c5:
-        out.append(
-            dict(
-                target="per-example cost 151 vs 5 labels",
-                need=f"<= {TARGETS['score_151_per_example_vs_5']}x",
-                got=f"{c151 / c5:.1f}x",
-                met=c151 / c5 <= TARGETS["score_151_per_example_vs_5"],
+    for method, note in (("shared-prefix", ""), (COPY_KV, " (before)")):
+        c151, c5 = get(scoring, 151, method, "seconds_per_example"), get(scoring, 5, method, "seconds_per_example")
+        if c151 and c5:
+            out.append(
+                dict(
+                    target=f"per-example cost 151 vs 5 labels{note}",
+                    need=f"<= {TARGETS['score_151_per_example_vs_5']}x",
+                    got=f"{c151 / c5:.1f}x",
+                    met=c151 / c5 <= TARGETS["score_151_per_example_vs_5"],
+                )
             )
-        )
     out += causal_train.training_targets(training)
     agree = [r["agreement_vs_new"] for r in scoring if r["method"] == "naive"]
     if agree:
@@ -356,7 +383,7 @@ def evaluate_targets(scoring: list[dict], training: list[dict]) -> list[dict]:
 
 def markdown(r: dict) -> str:
     s, m = r["settings"], r["machine"]
-    what = "scoring and training" if r["scoring"] else "training step"
+    what = ("scoring and training" if r["training"] else "scoring") if r["scoring"] else "training step"
     lines = [
         f"### Causal {what}, SmolLM2-135M shape ({s['layers']} layers{', QUICK' if s['quick'] else ''})",
         "",
@@ -387,6 +414,9 @@ def markdown(r: dict) -> str:
                 f"{a['ranking_agreement']:.0%}, max diff {a['max_abs_diff']:.1e})"
             )
             extra = ["", "", ""]
+        elif x["method"] == COPY_KV:
+            method = f"{COPY_KV}; max diff vs new {x['max_abs_diff_vs_new']:.1e}"
+            extra = [str(x["prefix_tokens"]), str(x["mean_suffix_tokens"]), str(x["trie_nodes"])]
         else:
             method = f"shared-prefix (prefix KV once: {x['prefix_kv_s']} s)"
             extra = [str(x["prefix_tokens"]), str(x["mean_suffix_tokens"]), str(x["trie_nodes"])]
@@ -394,7 +424,8 @@ def markdown(r: dict) -> str:
             f"| {x['n_labels']} | {method} | {x['batch']} | {' | '.join(extra)} | {x['examples_per_s']} | "
             f"{x['seconds_per_example']} | {x.get('peak_rss_mb', '')} ({x.get('rss_growth_mb', '')}) | {ratio} |"
         )
-    lines += ["", *causal_train.training_markdown(r["training"])]
+    if r["training"]:
+        lines += ["", *causal_train.training_markdown(r["training"])]
     lines += ["", "| target (issues 14, 15) | need | got | met |", "|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['need']} | {t['got']} | {'yes' if t['met'] else 'NO'} |" for t in r["targets"]]
     return "\n".join(lines) + "\n"
@@ -402,6 +433,7 @@ def markdown(r: dict) -> str:
 
 BEGIN, END = "<!-- causal-benchmark:begin -->", "<!-- causal-benchmark:end -->"
 TRAIN_BEGIN, TRAIN_END = "<!-- causal-training:begin -->", "<!-- causal-training:end -->"
+SCORING_BEGIN, SCORING_END = "<!-- causal-scoring:begin -->", "<!-- causal-scoring:end -->"
 
 
 def update_docs(table: str, path: Path = DOCS, markers: tuple[str, str] = (BEGIN, END)) -> None:
@@ -422,15 +454,18 @@ def run(
     naive_cap_gb: float,
     docs: bool,
     repeats: int | None = None,
+    copy_kv: bool = False,
     train_batch: int | None = None,
     scoring: bool = True,
     train_labels: list[int] | None = None,
     train_demo: bool = True,
+    training: bool = True,
     echo=print,
 ) -> dict:
     s = Settings.for_mode(quick, naive_cap_gb)
     if repeats:
         s.repeats = repeats
+    s.copy_kv = copy_kv
     if train_batch:
         s.train_batch = train_batch
     if train_labels:
@@ -450,8 +485,10 @@ def run(
     with torch.inference_mode():
         scoring = scoring_rows(s, scoring_model, tokenizer, loads, echo) if scoring else []
     del scoring_model
-    cases = training_cases(s, model, tokenizer, loads)
-    training = causal_train.training_rows(cases, s.repeats, lambda: PeakMemory(torch.device("cpu")), echo)
+    train_rows = []
+    if training:
+        cases = training_cases(s, model, tokenizer, loads)
+        train_rows = causal_train.training_rows(cases, s.repeats, lambda: PeakMemory(torch.device("cpu")), echo)
     flags = [
         " --quick" * quick,
         f" --repeats {repeats}" * bool(repeats),
@@ -459,6 +496,8 @@ def run(
         " --no-scoring" * (not scoring),
         f" --train-labels {' '.join(map(str, train_labels or []))}" * bool(train_labels),
         " --no-demo" * (not train_demo),
+        " --no-training" * (not training),
+        " --copy-kv" * copy_kv,
     ]
     command = "python -m benchmarks.causal" + "".join(flags)
     result = dict(
@@ -468,17 +507,18 @@ def run(
         settings=asdict(s),
         model=SMOLLM2_135M | {"num_hidden_layers": s.layers},
         scoring=scoring,
-        training=training,
-        targets=evaluate_targets(scoring, training),
+        training=train_rows,
+        targets=evaluate_targets(scoring, train_rows),
     )
     result["machine"]["load_average_at_end"] = result["machine"]["load_average_at_start"]  # machine_info ran at the end
     result["machine"]["load_average_at_start"] = load_at_start
     date = time.strftime("%Y-%m-%d", time.gmtime())
-    name = f"causal-{date}{'-quick' if quick else ''}{'' if scoring else f'-train{s.train_batch}'}.json"
+    name = f"causal-{date}{'-quick' if quick else ''}{'' if scoring else f'-train{s.train_batch}'}{'' if training else '-scoring'}.json"
     write_text(out / name, json.dumps(result, indent=2) + "\n")
     table = markdown(result)
     if docs:
-        update_docs(table, markers=(BEGIN, END) if scoring else (TRAIN_BEGIN, TRAIN_END))
+        markers = (SCORING_BEGIN, SCORING_END) if not training else (BEGIN, END) if scoring else (TRAIN_BEGIN, TRAIN_END)
+        update_docs(table, markers=markers)
     echo(table)
     echo(f"wrote {out / name}")
     return result
@@ -494,6 +534,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-scoring", action="store_true", help="training rows only (the docs table is not updated)")
     parser.add_argument("--train-labels", type=int, nargs="+", help="label counts for the training rows (default: 5 77)")
     parser.add_argument("--no-demo", action="store_true", help="no training row with the demo's settings")
+    parser.add_argument("--no-training", action="store_true", help="scoring rows only (their own docs table)")
+    parser.add_argument("--copy-kv", action="store_true", help="also the scorer as before the grouped-query switch (before/after)")
     parser.add_argument("--no-docs", action="store_true", help="do not update docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
     run(
@@ -506,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         scoring=not args.no_scoring,
         train_labels=args.train_labels,
         train_demo=not args.no_demo,
+        training=not args.no_training,
+        copy_kv=args.copy_kv,
     )
 
 

@@ -115,6 +115,47 @@ def test_prefix_kv_is_cached_until_invalidated(causal, prompts):
     assert scorer.prefix_kv(prefix[:-1])[0][0] is not kv[0][0]  # a different prefix replaces the cache
 
 
+@pytest.mark.parametrize("labels", [["billing dispute"], MANY_LABELS], ids=["one-label", "shared-prefixes"])
+def test_grouped_query_path_matches_naive_with_padding_both_sides(causal, prompts, labels, monkeypatch):
+    """The tiny model has 4 query heads on 2 KV heads: SDPA takes ``enable_gqa`` instead of copying KV heads, the
+    switch is gone after the call, and scores equal the right-padded naive scorer, the left-padded plain scorer
+    and the scorer without the switch, for suffixes of different lengths in one batch."""
+    import contextlib
+    import os
+
+    import torch.nn.functional as F
+
+    import loratune.causal_scoring as cs
+    from loratune.families.causal import causal_score_ids
+
+    model, tokenizer = causal
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    label_ids = causal_label_ids(tokenizer, labels)
+    picked = sorted(prompts[:40], key=len)
+    picked = picked[:3] + picked[-3:]  # the shortest and longest prompts: padding in every batch
+    prefix, suffixes = split_shared_prefix(picked)
+    assert len({len(s) for s in suffixes}) > 1
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    fast = CausalLabelScorer(model, label_ids).score(prefix, suffixes, batch_size=6)
+    assert seen and all(seen) and cs._FORCE_GQA not in os.environ
+    monkeypatch.setattr(cs, "_grouped_query_sdpa", lambda config, device: contextlib.nullcontext())
+    copied = CausalLabelScorer(model, label_ids).score(prefix, suffixes, batch_size=6)
+    assert not seen[-1]
+    np.testing.assert_allclose(fast, copied, atol=2e-5)
+    naive = naive_label_logprobs(model, picked, label_ids)  # right padding
+    left = causal_score_ids(model, tokenizer.pad_token_id or tokenizer.eos_token_id, picked, label_ids, batch_size=6)
+    for reference in (naive, left):
+        np.testing.assert_allclose(fast, reference, atol=1e-4, rtol=1e-5)
+        assert (np.argsort(fast, 1) == np.argsort(reference, 1)).all()
+
+
 def test_scorer_rejects_bad_inputs(causal):
     model, _ = causal
     with pytest.raises(ValueError, match="same token ids"):

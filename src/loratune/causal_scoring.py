@@ -12,7 +12,14 @@ prompt's KV cache once per label. :class:`CausalLabelScorer` instead:
   attention* (a node sees the prefix, its example's suffix, its ancestors and itself), at the positions the
   tokens would have if that label followed the suffix alone. Shared label prefixes are computed once;
 * applies the LM head only at the positions that predict a label token (the suffix's last token and the trie
-  nodes), in row chunks, keeping only the logsumexp and the label tokens' logits.
+  nodes), in row chunks, keeping only the logsumexp (computed in the chunk's own storage) and the label tokens'
+  logits;
+* on CPU with SDPA, lets grouped-query heads attend to their shared KV heads instead of copying the (batch x
+  prefix) keys and values once per query head (:func:`_grouped_query_sdpa`).
+
+What is left grows with the label set by construction: every trie node is a proper prefix of a label whose
+hidden state depends on the example, and each needs its full-vocabulary normaliser (docs/BENCHMARKS.md counts
+the work per example; ``python -m benchmarks.causal_profile``).
 
 Only the model's own modules run (``get_decoder()`` and ``get_output_embeddings()``), so LoRA layers (PEFT,
 merged or not) and the configured attention implementation are used as they are. Supported: models whose
@@ -30,12 +37,14 @@ module's forward (DDP prepares its gradient reduction there), never on the unwra
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .scoring import _logsumexp, build_label_trie
+from .scoring import build_label_trie
 
 IGNORE_INDEX = -100
 LOGIT_CHUNK_ELEMENTS = 1 << 24
@@ -126,6 +135,37 @@ def _tree_mask(lengths: torch.Tensor, width: int, node_visible: torch.Tensor | N
     return mask
 
 
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """``scoring._logsumexp`` (the same operations, so the same result) computed in ``logits``' own storage: no
+    second (rows x vocabulary) buffer per chunk, whose page faults cost as much as the arithmetic on a loaded CPU."""
+    top = logits.amax(-1, keepdim=True)
+    return logits.sub_(top).clamp_(min=-80.0).exp_().sum(-1).log_() + top.squeeze(-1)
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def _grouped_query_sdpa(config, device):
+    """On CPU, let SDPA attend grouped-query heads to their shared KV heads (``enable_gqa``) instead of copying.
+
+    transformers' SDPA path repeats each KV head for its query heads when a mask is given (``repeat_kv``): with the
+    prefix KV that is a copy of (batch x prefix) keys and values per layer, ~10% of a 151-label batch on SmolLM2's
+    shape. PyTorch's CPU kernel takes a mask together with ``enable_gqa`` and computes the same attention; the
+    switch is transformers' own (read per call). Only a speed choice: a concurrent call that misses it copies.
+    """
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    groups = kv_heads is not None and kv_heads < getattr(config, "num_attention_heads", kv_heads)
+    if device.type != "cpu" or not groups or getattr(config, "_attn_implementation", None) != "sdpa" or _FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(_FORCE_GQA, None)
+
+
 class CausalLabelScorer:
     """Summed log-probability of each label's tokens after ``prefix + suffix_i``, for a causal LM.
 
@@ -199,7 +239,8 @@ class CausalLabelScorer:
         mask = _tree_mask(lengths, width, t.visible[1:, 1:], n_prefix, dtype)
 
         extra = {self._cache_name: _prefix_cache(self.config, kv, b), "use_cache": True} if n_prefix else {"use_cache": False}
-        hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
+        with _grouped_query_sdpa(self.config, dev):
+            hidden = self.decoder(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).last_hidden_state
         # Row n of each example: the hidden state that predicts the children of trie node n (root = last suffix token).
         root = hidden[torch.arange(b, device=dev), lengths - 1]
         node_hidden = torch.cat([root[:, None], hidden[:, width:]], 1)  # (b, N, H)
@@ -215,8 +256,8 @@ class CausalLabelScorer:
         for start in range(0, b * n, rows):
             logits = self.lm_head(flat[start : start + rows])
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            log_z.append(_logsumexp(logits))
-            picked.append(logits[:, self._wanted])
+            picked.append(logits[:, self._wanted])  # a copy: the logsumexp below overwrites the logits
+            log_z.append(_logsumexp_(logits))
         log_z = torch.cat(log_z).view(b, n)
         picked = torch.cat(picked).view(b, n, len(self._wanted))
         steps = picked[:, t.node, self._column] - log_z[:, t.node]  # (b, L, W)
