@@ -68,7 +68,9 @@ def predict(
     quiet_libraries()
     clf = opt.load_classifier(adapter, cfg, base_override=model)
     from .data import read_inputs
+    from .fields import settle_for_model
 
+    settle_for_model(cfg, input_path, labelled=False)
     texts = read_inputs(text, input_path, cfg.data.text_field)
     if not texts:
         raise LoratuneError("nothing to classify: the input is empty")
@@ -168,6 +170,9 @@ def _labels_of(cfg: Config) -> list[str]:
     path = cfg.data.test or cfg.data.val
     if not path:
         raise LoratuneError("no evaluation data: pass --test FILE")
+    from .fields import settle_for_model
+
+    settle_for_model(cfg, path)
     examples = read_examples(path, cfg.data.text_field, cfg.data.label_field, bool(cfg.data.multi_label), cfg.data.label_delimiter)
     return resolve_labels(None, examples)
 
@@ -263,6 +268,7 @@ def calibrate(
     from .calibrate import calibrate as run_calibrate
     from .calibrate import write_threshold
     from .data import load_eval_examples
+    from .fields import settle_for_model
 
     if adapter is None:
         raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
@@ -286,6 +292,7 @@ def calibrate(
     path = val or recorded.get("val")
     if not path or path == "none":
         raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
+    settle_for_model(cfg, path)
     examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
     if not clf.multi_label:
         return _calibrate_abstain(clf, adapter, examples, path, fallback_label or clf.meta.fallback_label, target_in_scope, json_out)

@@ -20,6 +20,7 @@ from pathlib import Path
 from .config import DataConfig
 from .errors import LoratuneError
 from .prompt import LABEL_SEPARATOR
+from .split import split_train_val
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -81,7 +82,7 @@ def _labels_from_value(value: object, where: str, field_name: str, multi_label: 
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"{where}: field {field_name!r} is the number {value}; labels must be strings")
-        parts = [str(value)]
+        parts = [str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)]
     else:
         raise DataError(f"{where}: field {field_name!r} must be a string, got {type(value).__name__}")
     labels = []
@@ -279,16 +280,15 @@ def example_labels(example: Example) -> tuple[str, ...]:
     return (example.label,) if isinstance(example.label, str) else example.label
 
 
-def check_labels(examples: Sequence[Example], labels: Sequence[str]) -> None:
-    """Raise DataError at the first example whose label is outside ``labels``."""
+def check_labels(examples: Sequence[Example], labels: Sequence[str], fix: str = "fix the data or pass --labels with every label") -> None:
+    """Raise DataError at the first example whose label is outside ``labels``, counting the others (``fix``: what to do)."""
     allowed = set(labels)
-    for ex in examples:
-        for label in example_labels(ex):
-            if label not in allowed:
-                raise DataError(
-                    f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({', '.join(labels)}); "
-                    f"fix the data or pass --labels with every label"
-                )
+    unknown = [(ex, label) for ex in examples for label in example_labels(ex) if label not in allowed]
+    if unknown:
+        (ex, label), n = unknown[0], len(unknown)
+        shown = ", ".join(labels[:8]) + (f", ... {len(labels) - 8} more" if len(labels) > 8 else "")
+        others = f"; {n - 1} more row(s) have labels outside the set" if n > 1 else ""
+        raise DataError(f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({shown}){others}; {fix}")
 
 
 def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) -> list[str]:
@@ -301,6 +301,8 @@ def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) 
     seen = {label for ex in examples for label in example_labels(ex)}
     if len(seen) < 2:
         raise DataError(f"{examples[0].source}: found {len(seen)} distinct label(s); a classifier needs at least two")
+    if all(re.fullmatch(r"-?\d+", label) for label in seen):  # integer labels in numeric order: 0, 1, 2, ..., 10
+        return sorted(seen, key=int)
     return sorted(seen)
 
 
@@ -341,17 +343,6 @@ def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0
         rare = min(labels, key=lambda x: counts[x])
         return f"labels are imbalanced: {most} vs {least} examples ({rare!r} is rarest); consider more data for it"
     return None
-
-
-def split_train_val(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A stratified, seeded split (plain seeded split when a label is too rare to stratify)."""
-    from sklearn.model_selection import train_test_split
-
-    strata = [ex.label if isinstance(ex.label, str) else ",".join(ex.label) for ex in examples]
-    counts = Counter(strata)
-    stratify = strata if min(counts.values()) >= 2 and len(examples) * fraction >= len(counts) else None
-    train, val = train_test_split(list(examples), test_size=fraction, random_state=seed, stratify=stratify)
-    return train, val
 
 
 def first_list_label(path, label_field: str = "label", name: str = "data") -> str | None:
@@ -421,5 +412,5 @@ def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
     """
     multi_label = cfg.multi_label if multi_label is None else multi_label
     examples = read_examples(path, cfg.text_field, cfg.label_field, multi_label, cfg.label_delimiter)
-    check_labels(examples, labels)
+    check_labels(examples, labels, "the model was not trained on it: drop those rows, or train again with them")
     return examples
