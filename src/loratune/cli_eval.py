@@ -291,7 +291,10 @@ def calibrate(
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
     path = val or recorded.get("val")
     if not path or path == "none":
-        raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
+        raise LoratuneError(
+            "no validation file recorded with the adapter (its validation examples were split from the training data, "
+            "or given in memory): pass --val FILE"
+        )
     settle_for_model(cfg, path)
     examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
     if not clf.multi_label:

@@ -79,6 +79,8 @@ def _labels_from_value(value: object, where: str, field_name: str, multi_label: 
         parts = value
     elif isinstance(value, str):
         parts = value.split(delimiter) if multi_label else [value]
+    elif value is None:
+        raise DataError(f"{where}: field {field_name!r} is empty (null)")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"{where}: field {field_name!r} is the number {value}; labels must be strings")
