@@ -307,9 +307,14 @@ def calibrate(
 
 def _calibrate_abstain(clf, adapter: Path, examples, path, fallback: str | None, target: float | None, json_out: bool):
     from .calibrate import calibrate_abstain, write_abstain
+    from .data import normalize_label
 
     if not fallback:
         raise LoratuneError("a single-label adapter is calibrated for abstaining: pass --fallback-label LABEL (e.g. oos)")
+    fallback = normalize_label(fallback)  # labels compare as the data's do: "OOS" is "oos"
+    if fallback not in clf.labels:  # before scoring every example, not after
+        shown = ", ".join(clf.labels[:8]) + (f", ... {len(clf.labels) - 8} more" if len(clf.labels) > 8 else "")
+        raise LoratuneError(f"--fallback-label {fallback!r} is not one of the adapter's labels ({shown})")
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = calibrate_abstain(clf, examples, fallback, target, progress=bar.update)
     bar.close()
