@@ -167,3 +167,15 @@ def test_an_own_file_trains_and_is_used_with_no_field_flags(tmp_path, tiny_encod
     code, stdout, stderr = cli("predict", "--adapter", out / "final", "--input", test, "--json")
     assert code == 0, stderr
     assert len([line for line in stdout.splitlines() if line.startswith("{")]) == 24
+
+
+def test_a_json_array_file_and_a_semicolon_csv_read_like_jsonl(tmp_path):
+    rows = [{"text": t, "label": y} for t, y in ROWS]
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    (tmp_path / "s.csv").write_text("text;label\r\n" + "".join(f"{t};{y}\r\n" for t, y in ROWS), encoding="utf-8")
+    expected = [(t, y) for t, y in ROWS]
+    assert [(e.text, e.label) for e in read_examples(tmp_path / "a.json")] == expected
+    assert [(e.text, e.label) for e in read_examples(tmp_path / "s.csv")] == expected
+    (tmp_path / "bad.json").write_text(json.dumps([rows[0], 3]), encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad.json: item 2 of the array: expected a JSON object"):
+        read_examples(tmp_path / "bad.json")

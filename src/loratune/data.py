@@ -165,6 +165,9 @@ def _records(path: Path):
     suffix = path.suffix.lower()
     if suffix in CSV_SUFFIXES:
         delimiter = "\t" if suffix == ".tsv" else ","
+        header = content.split("\n", 1)[0]
+        if delimiter not in header:  # e.g. a spreadsheet's ';'-separated "CSV"
+            delimiter = next((d for d in (";", "\t", "|", ",") if d in header), delimiter)
         reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
         if reader.fieldnames is None:
             raise DataError(f"{path}:1: missing header row")
@@ -183,6 +186,8 @@ def _records(path: Path):
                     yield where, reader.line_num, record
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    elif suffix == ".json" and content.lstrip().startswith("["):  # one JSON array of objects, not JSON lines
+        yield from _json_array(path, content)
     elif suffix in JSONL_SUFFIXES:
         # Split on "\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which are valid inside JSON strings.
         for number, line in enumerate(content.split("\n"), start=1):
@@ -195,6 +200,17 @@ def _records(path: Path):
             yield where, number, record
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _json_array(path: Path, content: str):
+    try:
+        records = json.loads(content)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise DataError(f"{path}: invalid JSON ({getattr(exc, 'msg', exc)} at line {getattr(exc, 'lineno', '?')})") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f'{path}: item {number} of the array: expected a JSON object like {{"text": ..., "label": ...}}')
+        yield f"{path}: item {number}", number, record
 
 
 def _source_records(source, name: str, label_field: str):
