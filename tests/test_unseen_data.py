@@ -167,6 +167,13 @@ def test_an_own_file_trains_and_is_used_with_no_field_flags(tmp_path, tiny_encod
     code, stdout, stderr = cli("predict", "--adapter", out / "final", "--input", test, "--json")
     assert code == 0, stderr
     assert len([line for line in stdout.splitlines() if line.startswith("{")]) == 24
+    # No val file: calibrate rebuilds the same seeded split of the unchanged training file.
+    code, stdout, stderr = cli("calibrate", "--adapter", out / "final", "--fallback-label", "Topic 0", "--json")
+    assert code == 0, stderr
+    assert f"{train} (validation split)" in stdout and json.loads(stdout)["n"] == meta["data"]["val_examples"]
+    train.write_text(train.read_text(encoding="utf-8-sig") + "one more text,Topic 1\n", encoding="utf-8")
+    code, _, stderr = cli("calibrate", "--adapter", out / "final", "--fallback-label", "Topic 0")
+    assert code == 2 and "changed since training, so its validation split cannot be rebuilt: pass --val FILE" in stderr
 
 
 def test_a_json_array_file_and_a_semicolon_csv_read_like_jsonl(tmp_path):

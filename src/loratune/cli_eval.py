@@ -266,7 +266,7 @@ def calibrate(
     """
     from .adapter import META_FILE
     from .calibrate import calibrate as run_calibrate
-    from .calibrate import write_threshold
+    from .calibrate import split_val_of, write_threshold
     from .data import load_eval_examples
     from .fields import settle_for_model
 
@@ -290,13 +290,11 @@ def calibrate(
     # Without --val: the validation file the adapter was trained with (recorded in its metadata).
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
     path = val or recorded.get("val")
-    if not path or path == "none":
-        raise LoratuneError(
-            "no validation file recorded with the adapter (its validation examples were split from the training data, "
-            "or given in memory): pass --val FILE"
-        )
-    settle_for_model(cfg, path)
-    examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
+    if not path or path == "none":  # split from train: the same seeded split of the same (unchanged) file
+        path, examples = split_val_of(clf, cfg)
+    else:
+        settle_for_model(cfg, path)
+        examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
     if not clf.multi_label:
         return _calibrate_abstain(clf, adapter, examples, path, fallback_label or clf.meta.fallback_label, target_in_scope, json_out)
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
