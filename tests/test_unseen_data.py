@@ -53,6 +53,13 @@ def test_the_text_and_label_fields_are_found_and_said(header, text, label):
     assert note.startswith("train.csv: reading ") and all(flag in note for flag in changed)
 
 
+def test_label_ids_beside_their_names_read_the_names_unless_the_ids_were_asked_for():
+    rows = [{"text": t, "label": i % 2, "label_text": y} for i, (t, y) in enumerate(ROWS)]
+    text, label, note = detect_fields(rows, "text", "label", set(), "hf.jsonl")
+    assert (text, label) == ("text", "label_text") and "label from 'label_text'" in note
+    assert detect_fields(rows, "text", "label", {"data.label_field"}, "hf.jsonl") == ("text", "label", None)
+
+
 def test_plain_text_and_label_say_nothing():
     assert detect_fields([{"text": "a", "label": "b", "intent": "c"}], "text", "label", set(), "f") == ("text", "label", None)
 

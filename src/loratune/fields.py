@@ -109,6 +109,14 @@ def _by_shape(keys: list, rows: list[dict], text, label):
     return text, (b if text == a else a)
 
 
+def _numbered(rows: list[dict], key) -> bool:
+    return key is not None and all(isinstance(r.get(key), int) or str(r.get(key, "")).strip().isdigit() for r in rows)
+
+
+def _named(keys: list) -> bool:
+    return any(_norm(key) in ("label_text", "label_name", "class_name") for key in keys)
+
+
 def detect_fields(rows: list[dict], text_field: str, label_field: str | None, given: set[str], source: str):
     """(text field, label field, note): the configured names where the rows have them or the user gave them,
     else detected ones; ``note`` says what was detected (None when nothing was). ``label_field`` None: unlabelled."""
@@ -116,12 +124,15 @@ def detect_fields(rows: list[dict], text_field: str, label_field: str | None, gi
     labelled = label_field is not None
     text = text_field if (text_field in keys or "data.text_field" in given) else None
     label = label_field if (not labelled or label_field in keys or "data.label_field" in given) else None
+    skip = {text}
+    if labelled and "data.label_field" not in given and _numbered(rows, label) and _named(keys):
+        label, skip = None, {text, label}  # ids beside their names (a 🤗 export's label + label_text): names read better
     if not keys or (text is not None and label is not None) or (text is not None and not labelled):
         return text_field if text is None else text, label_field, None
     if text is None:
         text = _by_name(keys, TEXT_NAMES, "text", "--text-field", source, {label})
     if labelled and label is None:
-        label = _by_name(keys, LABEL_NAMES, "label", "--label-field", source, {text})
+        label = _by_name(keys, LABEL_NAMES, "label", "--label-field", source, skip | {text})
     if labelled and (text is None or label is None):
         text, label = _by_shape(keys, rows, text, label)
     elif text is None and len(keys) == 1:
