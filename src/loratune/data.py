@@ -113,6 +113,8 @@ def _make_example(
             flag = "--text-field" if name == text_field else "--label-field"
             raise DataError(f"{where}: missing field {name!r} (fields present: {present}); map yours with {flag}")
     text = record[text_field]
+    if text is None:
+        raise DataError(f"{where}: field {text_field!r} is empty (null)")
     if not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
     if not text.strip():
