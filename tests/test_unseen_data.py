@@ -60,6 +60,11 @@ def test_label_ids_beside_their_names_read_the_names_unless_the_ids_were_asked_f
     assert detect_fields(rows, "text", "label", {"data.label_field"}, "hf.jsonl") == ("text", "label", None)
 
 
+def test_a_second_field_that_never_repeats_is_not_taken_for_the_label():
+    rows = [{"text": t, "note": f"note {i}"} for i, (t, _) in enumerate(ROWS)]
+    assert detect_fields(rows, "text", "label", set(), "f") == ("text", "label", None)  # the reader's missing-field error
+
+
 def test_plain_text_and_label_say_nothing():
     assert detect_fields([{"text": "a", "label": "b", "intent": "c"}], "text", "label", set(), "f") == ("text", "label", None)
 

@@ -106,7 +106,8 @@ def _by_shape(keys: list, rows: list[dict], text, label):
     if text is None:
         other = b if label == a else a
         return (other if shape(other)[0] else None), label
-    return text, (b if text == a else a)
+    other = b if text == a else a
+    return text, (other if shape(other)[2] < len(rows) else None)  # a label repeats; a unique note or id does not
 
 
 def _numbered(rows: list[dict], key) -> bool:
