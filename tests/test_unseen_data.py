@@ -167,6 +167,14 @@ def test_an_own_file_trains_and_is_used_with_no_field_flags(tmp_path, tiny_encod
     rows += [("a one-off text", "Rare Label")]
     train = write_csv(tmp_path / "train.csv", ["utterance", "intent"], rows, bom=True, crlf=True)
     test = write_csv(tmp_path / "test.csv", ["utterance", "intent"], rows[:24])
+    code, stdout, stderr = cli("inspect", "--model", tiny_encoder, "--train", train, "--json", "-n", 0)
+    assert code == 0, stderr
+    assert json.loads(stdout)["fields"] == {
+        "text": "utterance",
+        "label": "intent",
+        "note": f"{train}: reading text from 'utterance' and label from 'intent' (detected; choose others with "
+        "--text-field / --label-field)",
+    }
     out = tmp_path / "run"
     code, stdout, stderr = cli("train", "--model", tiny_encoder, "--train", train, "--output-dir", out, "--max-steps", 2)
     assert code == 0, stderr
