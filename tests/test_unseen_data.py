@@ -99,6 +99,12 @@ def test_a_config_built_in_python_keeps_its_fields_after_they_were_settled(tmp_p
     assert (cfg.data.text_field, cfg.data.label_field) == ("text", "label")
 
 
+def test_an_in_memory_table_is_detected_like_a_file():
+    cfg = Config()
+    note = settle_fields(cfg, [{"sentence": t, "category": y} for t, y in ROWS], name="train_data")
+    assert (cfg.data.text_field, cfg.data.label_field) == ("sentence", "category") and note.startswith("train_data: reading")
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt"])
 def test_predict_input_finds_its_text_field(tmp_path, suffix):
     path = tmp_path / f"in{suffix}"
