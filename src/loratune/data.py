@@ -357,7 +357,8 @@ def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0
     """A warning when the most frequent label outnumbers the rarest by more than ``ratio``, or a label is absent."""
     missing = [label for label in labels if counts.get(label, 0) == 0]
     if missing:
-        return f"no training examples for label(s): {', '.join(missing)}"
+        shown = ", ".join(missing[:8]) + (f", ... {len(missing) - 8} more" if len(missing) > 8 else "")
+        return f"no training examples for {len(missing)} label(s): {shown}"
     most, least = max(counts[x] for x in labels), min(counts[x] for x in labels)
     if most > ratio * least:
         rare = min(labels, key=lambda x: counts[x])
