@@ -117,7 +117,7 @@ DATA_CASES = [
     ("csv-duplicate-label-column", lambda c: c.train(train=c.file("bad.csv", "text,label,label\nhi,billing,technical\n")), "bad.csv:1"),
     ("csv-duplicate-text-column", lambda c: c.train(train=c.file("bad.csv", "text,text,label\nhi,yo,billing\n")), "bad.csv:1"),
     ("csv-more-cells-than-header", lambda c: c.train(train=c.file("bad.csv", "text,label\nhi,billing,extra\n")), "bad.csv:2"),
-    ("csv-missing-label-column", lambda c: c.train(train=c.file("bad.csv", "text,category\nhi,billing\n")), "bad.csv:2"),
+    ("csv-missing-label-column", lambda c: c.train(train=c.file("bad.csv", "text,note,author\nhi,billing,x\n")), "bad.csv:2"),
     ("csv-empty-header", lambda c: c.train(train=c.file("bad.csv", "\nhi,billing\n")), "bad.csv"),
     (
         "csv-lone-surrogate",

@@ -27,7 +27,7 @@ def parquet(path, rows):
         ([{"text": "a"}, {"text": "b"}], ":1: missing field 'label' (fields present: text); map yours with --label-field"),
         ([ROWS[0], {"text": "b", "label": "refunds"}], ":2: label 'refunds' is not in the label set (billing, technical); fix the data"),
         ([ROWS[0], {"text": "  ", "label": "billing"}], ":2: field 'text' is empty"),
-        ([ROWS[0], {"text": "b", "label": None}], ":2: field 'label' must be a string, got NoneType"),
+        ([ROWS[0], {"text": "b", "label": None}], ":2: field 'label' is empty (null)"),
     ],
 )
 def test_parquet_and_datasets_fail_with_the_jsonl_sentences(tmp_path, rows, expected):

@@ -19,6 +19,30 @@ from .errors import LoratuneError
 from .evaluate import abstain_metrics, apply_abstain
 from .predict import DEFAULT_THRESHOLD, Classifier, decide_labels
 
+
+def split_val_of(classifier: Classifier, cfg) -> tuple[str, list[Example]]:
+    """The validation examples an adapter was chosen on when they were split from its training file: the same
+    seeded split of the same file, refused when the file is gone or changed."""
+    import copy
+    import hashlib
+
+    from .data import load_splits
+
+    recorded, trained = classifier.meta.config, (classifier.meta.data or {}).get("train") or {}
+    path = trained.get("path")
+    if (classifier.meta.data or {}).get("val") != "split from train" or not path or not Path(path).is_file():
+        raise LoratuneError("no validation file recorded with the adapter and its training file is not at hand: pass --val FILE")
+    if hashlib.sha256(Path(path).read_bytes()).hexdigest() != trained.get("sha256"):
+        raise LoratuneError(f"{path} changed since training, so its validation split cannot be rebuilt: pass --val FILE")
+    data = copy.deepcopy(cfg.data)
+    data.train, data.val, data.labels, data.multi_label = path, None, list(classifier.labels), classifier.multi_label
+    data.val_fraction = recorded.get("data", {}).get("val_fraction", data.val_fraction)
+    for key in ("text_field", "label_field"):
+        setattr(data, key, classifier.spec.fields.get(key) or getattr(data, key))
+    splits = load_splits(data, seed=recorded.get("train", {}).get("seed", 42))
+    return f"{path} (validation split)", splits.val
+
+
 # --------------------------------------------------------------------------------------------------
 # Multi-label threshold calibration.
 

@@ -68,7 +68,9 @@ def predict(
     quiet_libraries()
     clf = opt.load_classifier(adapter, cfg, base_override=model)
     from .data import read_inputs
+    from .fields import settle_for_model
 
+    settle_for_model(cfg, input_path, labelled=False)
     texts = read_inputs(text, input_path, cfg.data.text_field)
     if not texts:
         raise LoratuneError("nothing to classify: the input is empty")
@@ -168,6 +170,9 @@ def _labels_of(cfg: Config) -> list[str]:
     path = cfg.data.test or cfg.data.val
     if not path:
         raise LoratuneError("no evaluation data: pass --test FILE")
+    from .fields import settle_for_model
+
+    settle_for_model(cfg, path)
     examples = read_examples(path, cfg.data.text_field, cfg.data.label_field, bool(cfg.data.multi_label), cfg.data.label_delimiter)
     return resolve_labels(None, examples)
 
@@ -261,8 +266,9 @@ def calibrate(
     """
     from .adapter import META_FILE
     from .calibrate import calibrate as run_calibrate
-    from .calibrate import write_threshold
+    from .calibrate import split_val_of, write_threshold
     from .data import load_eval_examples
+    from .fields import settle_for_model
 
     if adapter is None:
         raise LoratuneError("calibrate needs --adapter DIR (an adapter trained on multi-label data)")
@@ -284,9 +290,11 @@ def calibrate(
     # Without --val: the validation file the adapter was trained with (recorded in its metadata).
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
     path = val or recorded.get("val")
-    if not path or path == "none":
-        raise LoratuneError("no validation data recorded with the adapter: pass --val FILE")
-    examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
+    if not path or path == "none":  # split from train: the same seeded split of the same (unchanged) file
+        path, examples = split_val_of(clf, cfg)
+    else:
+        settle_for_model(cfg, path)
+        examples = load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
     if not clf.multi_label:
         return _calibrate_abstain(clf, adapter, examples, path, fallback_label or clf.meta.fallback_label, target_in_scope, json_out)
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
@@ -297,9 +305,14 @@ def calibrate(
 
 def _calibrate_abstain(clf, adapter: Path, examples, path, fallback: str | None, target: float | None, json_out: bool):
     from .calibrate import calibrate_abstain, write_abstain
+    from .data import normalize_label
 
     if not fallback:
         raise LoratuneError("a single-label adapter is calibrated for abstaining: pass --fallback-label LABEL (e.g. oos)")
+    fallback = normalize_label(fallback)  # labels compare as the data's do: "OOS" is "oos"
+    if fallback not in clf.labels:  # before scoring every example, not after
+        shown = ", ".join(clf.labels[:8]) + (f", ... {len(clf.labels) - 8} more" if len(clf.labels) > 8 else "")
+        raise LoratuneError(f"--fallback-label {fallback!r} is not one of the adapter's labels ({shown})")
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = calibrate_abstain(clf, examples, fallback, target, progress=bar.update)
     bar.close()

@@ -156,14 +156,15 @@ def load_classifier(
 ):
     """An adapter (its base from its metadata unless --model overrides it), or the base model alone. The adapter's
     recorded data fields apply unless given again."""
+    from .fields import user_given
     from .predict import classifier_from_config  # torch loads here, not at `loratune -h`
 
     if mode:
         cfg.predict.mode = mode
     clf = classifier_from_config(cfg, adapter, base_override=base_override, device=device)
-    defaults = Config().data
+    given = user_given(cfg)
     for key, value in clf.spec.fields.items():
-        if value and getattr(cfg.data, key) == getattr(defaults, key):
+        if value and f"data.{key}" not in given:
             setattr(cfg.data, key, value)
     return clf
 

@@ -24,10 +24,12 @@ ProgressFactory = Callable[[int, str], object] | None
 def eval_examples(cfg: Config, clf: Classifier):
     """The labelled file to evaluate on (``data.test``, else ``data.val``), read with the classifier's fields."""
     from .data import load_eval_examples
+    from .fields import settle_for_model
 
     path = cfg.data.test or cfg.data.val
     if not path:
         raise LoratuneError("no evaluation data: pass --test FILE")
+    settle_for_model(cfg, path, clf.spec.fields)
     return path, load_eval_examples(path, cfg.data, clf.labels, clf.multi_label)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .config import DataConfig
 from .errors import LoratuneError
 from .prompt import LABEL_SEPARATOR
+from .split import split_train_val
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -78,10 +79,12 @@ def _labels_from_value(value: object, where: str, field_name: str, multi_label: 
         parts = value
     elif isinstance(value, str):
         parts = value.split(delimiter) if multi_label else [value]
+    elif value is None:
+        raise DataError(f"{where}: field {field_name!r} is empty (null)")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise DataError(f"{where}: field {field_name!r} is the number {value}; labels must be strings")
-        parts = [str(value)]
+        parts = [str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)]
     else:
         raise DataError(f"{where}: field {field_name!r} must be a string, got {type(value).__name__}")
     labels = []
@@ -110,6 +113,8 @@ def _make_example(
             flag = "--text-field" if name == text_field else "--label-field"
             raise DataError(f"{where}: missing field {name!r} (fields present: {present}); map yours with {flag}")
     text = record[text_field]
+    if text is None:
+        raise DataError(f"{where}: field {text_field!r} is empty (null)")
     if not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -162,6 +167,9 @@ def _records(path: Path):
     suffix = path.suffix.lower()
     if suffix in CSV_SUFFIXES:
         delimiter = "\t" if suffix == ".tsv" else ","
+        header = content.split("\n", 1)[0]
+        if delimiter not in header:  # e.g. a spreadsheet's ';'-separated "CSV"
+            delimiter = next((d for d in (";", "\t", "|", ",") if d in header), delimiter)
         reader = csv.DictReader(io.StringIO(content, newline=""), delimiter=delimiter)
         if reader.fieldnames is None:
             raise DataError(f"{path}:1: missing header row")
@@ -180,6 +188,8 @@ def _records(path: Path):
                     yield where, reader.line_num, record
         except csv.Error as exc:
             raise DataError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    elif suffix == ".json" and content.lstrip().startswith("["):  # one JSON array of objects, not JSON lines
+        yield from _json_array(path, content)
     elif suffix in JSONL_SUFFIXES:
         # Split on "\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which are valid inside JSON strings.
         for number, line in enumerate(content.split("\n"), start=1):
@@ -192,6 +202,17 @@ def _records(path: Path):
             yield where, number, record
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+
+
+def _json_array(path: Path, content: str):
+    try:
+        records = json.loads(content)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise DataError(f"{path}: invalid JSON ({getattr(exc, 'msg', exc)} at line {getattr(exc, 'lineno', '?')})") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise DataError(f'{path}: item {number} of the array: expected a JSON object like {{"text": ..., "label": ...}}')
+        yield f"{path}: item {number}", number, record
 
 
 def _source_records(source, name: str, label_field: str):
@@ -279,16 +300,15 @@ def example_labels(example: Example) -> tuple[str, ...]:
     return (example.label,) if isinstance(example.label, str) else example.label
 
 
-def check_labels(examples: Sequence[Example], labels: Sequence[str]) -> None:
-    """Raise DataError at the first example whose label is outside ``labels``."""
+def check_labels(examples: Sequence[Example], labels: Sequence[str], fix: str = "fix the data or pass --labels with every label") -> None:
+    """Raise DataError at the first example whose label is outside ``labels``, counting the others (``fix``: what to do)."""
     allowed = set(labels)
-    for ex in examples:
-        for label in example_labels(ex):
-            if label not in allowed:
-                raise DataError(
-                    f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({', '.join(labels)}); "
-                    f"fix the data or pass --labels with every label"
-                )
+    unknown = [(ex, label) for ex in examples for label in example_labels(ex) if label not in allowed]
+    if unknown:
+        (ex, label), n = unknown[0], len(unknown)
+        shown = ", ".join(labels[:8]) + (f", ... {len(labels) - 8} more" if len(labels) > 8 else "")
+        others = f"; {n - 1} more row(s) have labels outside the set" if n > 1 else ""
+        raise DataError(f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({shown}){others}; {fix}")
 
 
 def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) -> list[str]:
@@ -301,6 +321,8 @@ def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) 
     seen = {label for ex in examples for label in example_labels(ex)}
     if len(seen) < 2:
         raise DataError(f"{examples[0].source}: found {len(seen)} distinct label(s); a classifier needs at least two")
+    if all(re.fullmatch(r"-?\d+", label) for label in seen):  # integer labels in numeric order: 0, 1, 2, ..., 10
+        return sorted(seen, key=int)
     return sorted(seen)
 
 
@@ -335,23 +357,13 @@ def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0
     """A warning when the most frequent label outnumbers the rarest by more than ``ratio``, or a label is absent."""
     missing = [label for label in labels if counts.get(label, 0) == 0]
     if missing:
-        return f"no training examples for label(s): {', '.join(missing)}"
+        shown = ", ".join(missing[:8]) + (f", ... {len(missing) - 8} more" if len(missing) > 8 else "")
+        return f"no training examples for {len(missing)} label(s): {shown}"
     most, least = max(counts[x] for x in labels), min(counts[x] for x in labels)
     if most > ratio * least:
         rare = min(labels, key=lambda x: counts[x])
         return f"labels are imbalanced: {most} vs {least} examples ({rare!r} is rarest); consider more data for it"
     return None
-
-
-def split_train_val(examples: Sequence[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A stratified, seeded split (plain seeded split when a label is too rare to stratify)."""
-    from sklearn.model_selection import train_test_split
-
-    strata = [ex.label if isinstance(ex.label, str) else ",".join(ex.label) for ex in examples]
-    counts = Counter(strata)
-    stratify = strata if min(counts.values()) >= 2 and len(examples) * fraction >= len(counts) else None
-    train, val = train_test_split(list(examples), test_size=fraction, random_state=seed, stratify=stratify)
-    return train, val
 
 
 def first_list_label(path, label_field: str = "label", name: str = "data") -> str | None:
@@ -421,5 +433,5 @@ def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
     """
     multi_label = cfg.multi_label if multi_label is None else multi_label
     examples = read_examples(path, cfg.text_field, cfg.label_field, multi_label, cfg.label_delimiter)
-    check_labels(examples, labels)
+    check_labels(examples, labels, "the model was not trained on it: drop those rows, or train again with them")
     return examples

@@ -7,6 +7,7 @@ import numpy as np
 from .config import Config
 from .data import imbalance_warning, label_counts, load_splits
 from .errors import LoratuneError
+from .fields import settled
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -17,8 +18,11 @@ def _percentiles(lengths: list[int]) -> dict[str, int]:
 
 def inspect_dataset(cfg: Config, n_examples: int = 3) -> dict:
     """Label counts, imbalance, token-length percentiles, truncation counts and sample prompt/target pairs."""
+    notes: list[str] = []
+    cfg = settled(cfg, cfg.data.train, notes.append)
     splits = load_splits(cfg.data, seed=cfg.train.seed)
     report: dict = {
+        "fields": {"text": cfg.data.text_field, "label": cfg.data.label_field, "note": notes[0] if notes else None},
         "train": cfg.data.train,
         "val": cfg.data.val or f"{cfg.data.val_fraction:.0%} split from train",
         "labels": splits.labels,
@@ -87,6 +91,8 @@ def render(report: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if report["fields"]["note"]:
+        console.print(report["fields"]["note"], highlight=False, markup=False, soft_wrap=True)
     console.print(f"train: {report['train']}   val: {report['val']}", highlight=False)
     table = Table("label", "train", "val")
     for label in report["labels"]:

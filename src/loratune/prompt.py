@@ -192,8 +192,9 @@ class PromptSpec:
         what = "the input text's framing" if self.input_only else f"the instruction and the {len(self.labels)} label names"
         return LoratuneError(
             f"{what} take {fixed} tokens, leaving fewer than {MIN_TEXT_TOKENS} of data.max_length="
-            f"{self.max_length} for the text; use shorter label names, the encoder family (--model with an "
-            f"encoder such as MiniLM reads the text alone), or a model with a larger limit"
+            f"{self.max_length} for the text; raise it where the model allows (--set data.max_length="
+            f"{fixed + 256}; T5 has no fixed limit), use shorter label names, or the encoder family (--model with an "
+            f"encoder such as MiniLM reads the text alone)"
         )
 
     def fixed_length(self, tokenizer, add_special_tokens: bool = True) -> int:

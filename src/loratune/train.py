@@ -44,14 +44,7 @@ from .adapter import AdapterMeta
 from .atomic import replace_dir, temp_dir_beside
 from .callable_module import make_callable
 from .callbacks import BestAdapter, InterruptToCheckpoint, ProgressBar, log_tensorboard_to
-from .checkpoints import (
-    AtomicCheckpoints,
-    discard_checkpoints,
-    disk_full_as_error,
-    latest_checkpoint,
-    prepare_output_dir,
-    space_needed,
-)
+from .checkpoints import AtomicCheckpoints, discard_checkpoints, disk_full_as_error, latest_checkpoint, prepare_output_dir, space_needed
 from .class_weights import WeightedCollator, class_weights
 from .config import Config, apply_family_defaults, validate
 from .console import progress
@@ -59,6 +52,7 @@ from .data import Splits, example_labels, label_counts, load_splits
 from .errors import LoratuneError
 from .families import family_class
 from .families.common import MULTI_LABEL_SEQ2SEQ_ONLY
+from .fields import settled
 from .gguf import gguf_source
 from .guards import FiniteLossStep, NonFiniteGuard, TrainingDiverged
 from .model_card import hub_origin, packaged_copy_of, point_config_at_hub, write_card
@@ -93,6 +87,8 @@ def train(
     (same validation; without ``val_data`` the validation set is split from ``train_data``). ``command``: the
     command line, for the model card."""
     validate(cfg, training=True)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    cfg = settled(cfg, cfg.data.train if train_data is None else train_data, echo if rank0 else None, name="train_data")
     splits = load_splits(cfg.data, seed=cfg.train.seed, train_data=train_data, val_data=val_data)
     if splits.multi_label and not cfg.data.multi_label:
         cfg = copy.deepcopy(cfg)  # detected from the data: the saved config must say so too
@@ -106,7 +102,6 @@ def train(
     out = Path(cfg.train.output_dir)
     ckpt_dir = out / CHECKPOINTS
     set_seed(cfg.train.seed)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
     say = echo if rank0 else (lambda *a, **k: None)
     resume_from = prepare_output_dir(out, ckpt_dir, resume, overwrite, say)  # crash leftovers cleaned here
 
