@@ -18,10 +18,10 @@ def jsonl(tmp_path, name, rows):
     return path
 
 
-def test_reads_jsonl_and_normalises_labels(tmp_path):
+def test_reads_jsonl_and_cleans_labels_keeping_their_case(tmp_path):
     path = jsonl(tmp_path, "a.jsonl", [{"text": " hi ", "label": " Billing "}, {"text": "yo", "label": "OTHER"}])
     examples = read_examples(path)
-    assert [(e.text, e.label, e.line) for e in examples] == [("hi", "billing", 1), ("yo", "other", 2)]
+    assert [(e.text, e.label, e.line) for e in examples] == [("hi", "Billing", 1), ("yo", "OTHER", 2)]
 
 
 def test_reads_csv_with_field_mapping(tmp_path):
@@ -126,6 +126,17 @@ def test_read_texts_plain_lines_and_jsonl(tmp_path):
 
 def test_normalize_label():
     assert normalize_label("  Tech   Support ") == "tech support"
+
+
+def test_labels_keep_their_spelling_and_compare_case_insensitively(tmp_path):
+    rows = [("a", "Very Positive"), ("b", "very  positive"), ("c", "Very Positive"), ("d", "Negative"), ("e", "NEGATIVE ")]
+    rows += [("f", "Negative"), ("g", "Very Positive"), ("h", "Negative")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "z", "label": "NEGATIVE"}) + "\n")
+    splits = load_splits(DataConfig(train=str(tmp_path / "train.jsonl"), val=str(tmp_path / "val.jsonl")))
+    assert splits.labels == ["Negative", "Very Positive"]  # the most frequent spelling, sorted case-insensitively
+    assert {ex.label for ex in splits.train} == {"Negative", "Very Positive"}
+    assert [ex.label for ex in splits.val] == ["Negative"]
 
 
 def test_shipped_demo_data_has_no_duplicates_or_templated_near_duplicates():

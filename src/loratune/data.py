@@ -14,13 +14,13 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .config import DataConfig
 from .errors import LoratuneError
 from .prompt import LABEL_SEPARATOR
-from .split import split_train_val
+from .split import quality_warnings, split_train_val
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -52,9 +52,14 @@ class Splits:
     """True when val was carved out of train (no val file given)."""
 
 
+def clean_label(label: str) -> str:
+    """A label as it is shown and predicted: outer space stripped, inner runs of space made one, its case kept."""
+    return re.sub(r"\s+", " ", label.strip())
+
+
 def normalize_label(label: str) -> str:
-    """Labels compare case- and space-insensitively: ``" Billing "`` is ``billing``."""
-    return re.sub(r"\s+", " ", label.strip()).casefold()
+    """Labels compare case- and space-insensitively: ``" Billing "`` is ``billing`` (the key, not the label shown)."""
+    return clean_label(label).casefold()
 
 
 def decode_file(path: Path) -> str:
@@ -91,10 +96,13 @@ def _labels_from_value(value: object, where: str, field_name: str, multi_label: 
     for part in parts:
         if not isinstance(part, str) or not normalize_label(part):
             raise DataError(f"{where}: empty or non-string label in field {field_name!r}")
-        labels.append(normalize_label(part))
+        labels.append(clean_label(part))
     if not multi_label:
         return labels[0]
-    return tuple(dict.fromkeys(labels))
+    unique: dict[str, str] = {}
+    for label in labels:  # one label written twice in a row ("Billing,billing") counts once
+        unique.setdefault(normalize_label(label), label)
+    return tuple(unique.values())
 
 
 def _make_example(
@@ -300,53 +308,48 @@ def example_labels(example: Example) -> tuple[str, ...]:
     return (example.label,) if isinstance(example.label, str) else example.label
 
 
-def check_labels(examples: Sequence[Example], labels: Sequence[str], fix: str = "fix the data or pass --labels with every label") -> None:
-    """Raise DataError at the first example whose label is outside ``labels``, counting the others (``fix``: what to do)."""
-    allowed = set(labels)
-    unknown = [(ex, label) for ex in examples for label in example_labels(ex) if label not in allowed]
+def check_labels(
+    examples: Sequence[Example], labels: Sequence[str], fix: str = "fix the data or pass --labels with every label"
+) -> list[Example]:
+    """The examples with every label spelled as in ``labels`` (labels compare case- and space-insensitively, so
+    ``BILLING`` in a test file is the model's ``Billing``); DataError at the first label outside the set, counting
+    the others (``fix``: what to do)."""
+    shown_as = {normalize_label(label): label for label in labels}
+    out, unknown = [], []
+    for ex in examples:
+        given = example_labels(ex)
+        spelled = tuple(shown_as.get(normalize_label(label)) for label in given)
+        unknown += [(ex, label) for label, known in zip(given, spelled) if known is None]
+        label = spelled[0] if isinstance(ex.label, str) else spelled
+        out.append(ex if label == ex.label else replace(ex, label=label))
     if unknown:
         (ex, label), n = unknown[0], len(unknown)
         shown = ", ".join(labels[:8]) + (f", ... {len(labels) - 8} more" if len(labels) > 8 else "")
         others = f"; {n - 1} more row(s) have labels outside the set" if n > 1 else ""
         raise DataError(f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({shown}){others}; {fix}")
+    return out
 
 
 def resolve_labels(declared: Sequence[str] | None, examples: Sequence[Example]) -> list[str]:
-    """The declared label set (normalised, in order), or every label seen in the data, sorted."""
+    """The declared label set (cleaned, in order), or every label seen in the data, sorted case-insensitively.
+
+    Labels keep the data's case (predictions come back as ``Very Positive``, not ``very positive``); spellings
+    that differ only in case or spacing are one label, shown as its most frequent spelling.
+    """
     if declared:
-        labels = [normalize_label(label) for label in declared]
-        if len(set(labels)) != len(labels):
+        labels = [clean_label(label) for label in declared]
+        if len({normalize_label(label) for label in labels}) != len(labels):
             raise LoratuneError(f"--labels has duplicates after normalisation: {', '.join(declared)}")
         return labels
-    seen = {label for ex in examples for label in example_labels(ex)}
+    spellings = Counter(label for ex in examples for label in example_labels(ex))
+    seen: dict[str, str] = {}
+    for label, _ in spellings.most_common():  # ties: the spelling met first
+        seen.setdefault(normalize_label(label), label)
     if len(seen) < 2:
         raise DataError(f"{examples[0].source}: found {len(seen)} distinct label(s); a classifier needs at least two")
-    if all(re.fullmatch(r"-?\d+", label) for label in seen):  # integer labels in numeric order: 0, 1, 2, ..., 10
-        return sorted(seen, key=int)
-    return sorted(seen)
-
-
-def _key(text: str) -> str:
-    return re.sub(r"\s+", " ", text).casefold().strip()
-
-
-def quality_warnings(train: Sequence[Example], val: Sequence[Example]) -> list[str]:
-    """Report duplicates inside train and texts shared between train and val (they inflate val scores)."""
-    warnings = []
-    counts = Counter(_key(ex.text) for ex in train)
-    dupes = sum(c - 1 for c in counts.values() if c > 1)
-    if dupes:
-        warnings.append(f"{dupes} duplicate text(s) in the training data")
-    by_text: dict[str, set] = {}
-    for ex in train:
-        by_text.setdefault(_key(ex.text), set()).add(ex.label)
-    conflicting = sum(1 for v in by_text.values() if len(v) > 1)
-    if conflicting:
-        warnings.append(f"{conflicting} training text(s) appear with different labels")
-    overlap = sum(1 for ex in val if _key(ex.text) in counts)
-    if overlap:
-        warnings.append(f"{overlap} validation text(s) also appear in the training data (val scores will be optimistic)")
-    return warnings
+    if all(re.fullmatch(r"-?\d+", key) for key in seen):  # integer labels in numeric order: 0, 1, 2, ..., 10
+        return [seen[key] for key in sorted(seen, key=int)]
+    return [seen[key] for key in sorted(seen)]
 
 
 def label_counts(examples: Sequence[Example]) -> Counter:
@@ -403,12 +406,12 @@ def load_splits(cfg: DataConfig, seed: int = 42, train_data=None, val_data=None)
     read = dict(text_field=cfg.text_field, label_field=cfg.label_field, multi_label=multi_label, label_delimiter=cfg.label_delimiter)
     train = read_examples(train_source, **read, name="train_data")
     labels = resolve_labels(cfg.labels, train)
-    check_labels(train, labels)
+    train = check_labels(train, labels)
     if multi_label:
         check_multi_label_names(labels)
     if val_source is not None and not (isinstance(val_source, str) and not val_source):
         val = read_examples(val_source, **read, name="val_data")
-        check_labels(val, labels)
+        val = check_labels(val, labels)
         is_split = False
     else:
         train, val = split_train_val(train, cfg.val_fraction, seed)
@@ -433,5 +436,5 @@ def load_eval_examples(path: str | Path, cfg: DataConfig, labels: Sequence[str],
     """
     multi_label = cfg.multi_label if multi_label is None else multi_label
     examples = read_examples(path, cfg.text_field, cfg.label_field, multi_label, cfg.label_delimiter)
-    check_labels(examples, labels, "the model was not trained on it: drop those rows, or train again with them")
+    examples = check_labels(examples, labels, "the model was not trained on it: drop those rows, or train again with them")
     return examples

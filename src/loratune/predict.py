@@ -36,7 +36,7 @@ import numpy as np
 
 from .adapter import META_FILE, AdapterMeta, load_adapter
 from .config import Config, PredictConfig
-from .data import normalize_label
+from .data import clean_label, normalize_label
 from .errors import LoratuneError
 from .families import Family, family_class
 from .families.common import GENERATE_NOT_FOR_ENCODERS, MULTI_LABEL_SEQ2SEQ_ONLY, softmax
@@ -338,7 +338,7 @@ def _quantized(clf: Classifier, quantize: str) -> Classifier:
 
 
 def _check_flags_match(cfg: Config, meta: AdapterMeta, adapter) -> None:
-    if cfg.data.labels and [normalize_label(x) for x in cfg.data.labels] != meta.labels:
+    if cfg.data.labels and [normalize_label(x) for x in cfg.data.labels] != [normalize_label(x) for x in meta.labels]:
         raise LoratuneError(
             f"adapter {adapter} was trained on labels {', '.join(meta.labels[:10])}"
             f"{', ...' if len(meta.labels) > 10 else ''}; --labels {', '.join(cfg.data.labels[:10])} "
@@ -350,7 +350,7 @@ def _check_flags_match(cfg: Config, meta: AdapterMeta, adapter) -> None:
 
 
 def _base_classifier(cfg: Config, dev, dtype) -> Classifier:
-    labels = [normalize_label(x) for x in cfg.data.labels or ()]
+    labels = [clean_label(x) for x in cfg.data.labels or ()]
     name = resolve_model_name(cfg.model.name, labels=labels or None)  # a missing model is the first thing to say
     if not labels:
         raise LoratuneError(

@@ -1,8 +1,9 @@
-"""The validation set carved out of the training data when no val file is given."""
+"""The validation set carved out of the training data when no val file is given, and what to warn about it."""
 
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 
@@ -43,3 +44,26 @@ def _split_keeping_every_label(examples: list, strata: list[str], fraction: floa
     rng.shuffle(train)
     rng.shuffle(val)
     return train, val
+
+
+def _key(text: str) -> str:
+    return re.sub(r"\s+", " ", text).casefold().strip()
+
+
+def quality_warnings(train: Sequence, val: Sequence) -> list[str]:
+    """Report duplicates inside train and texts shared between train and val (they inflate val scores)."""
+    warnings = []
+    counts = Counter(_key(ex.text) for ex in train)
+    dupes = sum(c - 1 for c in counts.values() if c > 1)
+    if dupes:
+        warnings.append(f"{dupes} duplicate text(s) in the training data")
+    by_text: dict[str, set] = {}
+    for ex in train:
+        by_text.setdefault(_key(ex.text), set()).add(ex.label)
+    conflicting = sum(1 for v in by_text.values() if len(v) > 1)
+    if conflicting:
+        warnings.append(f"{conflicting} training text(s) appear with different labels")
+    overlap = sum(1 for ex in val if _key(ex.text) in counts)
+    if overlap:
+        warnings.append(f"{overlap} validation text(s) also appear in the training data (val scores will be optimistic)")
+    return warnings
