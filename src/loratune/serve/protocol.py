@@ -60,7 +60,11 @@ class TimedH11Protocol(H11Protocol):
         set_nodelay(transport.get_extra_info("socket"))
         self._read_timer = None
         self._admitted = False
+        self._pre_admitted = False  # the request h11 parses next was let in by _refused_early already
         self._draining = False
+        if self.admission is not None:  # every request h11 parses passes admission, pipelined ones too
+            self._h11_next_event = self.conn.next_event
+            self.conn.next_event = self._next_event  # type: ignore[method-assign]
         self._arm()  # a connection that never sends a whole request is closed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -87,12 +91,30 @@ class TimedH11Protocol(H11Protocol):
             return False
         refusal = self.admission.enter()  # type: ignore[union-attr]
         if refusal is None:
-            self._admitted = True
+            self._admitted = self._pre_admitted = True
             return False
+        self._refuse(refusal)
+        return True
+
+    def _next_event(self):
+        """h11's next event; a classify request not let in before parsing (pipelined behind another request in one
+        write, or split before its request line was whole) asks admission here, and is refused the same way."""
+        event = self._h11_next_event()
+        if type(event) is h11.Request:
+            if self._pre_admitted:
+                self._pre_admitted = False
+            elif event.method == b"POST" and event.target.partition(b"?")[0] == CLASSIFY_PATH:
+                refusal = self.admission.enter()  # type: ignore[union-attr]
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return h11.NEED_DATA  # uvicorn stops reading events: the connection is closing
+                self._admitted = True
+        return event
+
+    def _refuse(self, refusal: bytes) -> None:
         self._unset_keepalive_if_required()
         self.transport.write(refusal)
         self.transport.close()  # the request was read whole or its rest is unwanted: no keep-alive to resume
-        return True
 
     def shutdown(self) -> None:
         """SIGTERM: uvicorn closes connections that are between requests at once, but one accepted just before may
@@ -167,7 +189,8 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-CLASSIFY_REQUEST = b"POST /v1/classify"
+CLASSIFY_PATH = b"/v1/classify"
+CLASSIFY_REQUEST = b"POST " + CLASSIFY_PATH
 SHUTTING_DOWN = raw_error(503, "Service Unavailable", "shutting_down", "the server is shutting down", {"Retry-After": "1"})
 
 
