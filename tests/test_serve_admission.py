@@ -162,10 +162,15 @@ def test_sigterm_answers_a_request_on_a_connection_between_requests_instead_of_c
     app = create_app(lambda: ModelPool({"a": classifier}))
     with serving(app) as (url, server):
         host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
+        with socket.create_connection((host, int(port))) as sock, socket.create_connection((host, int(port))) as silent:
             sock.settimeout(WAIT)
+            silent.settimeout(WAIT)  # accepted, nothing sent yet (the protocol has not built its HTTP state)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _split(_read_response(sock))[0] == 200  # kept alive, between requests
+            wait_until = time.monotonic() + WAIT
+            while len(server.server_state.connections) < 2:
+                assert time.monotonic() < wait_until, "the silent connection was never accepted"
+                time.sleep(0.01)
             server.should_exit = True  # what SIGTERM does
             deadline = time.monotonic() + WAIT
             while True:  # the listener closes first, then connections are told to shut down
@@ -180,9 +185,14 @@ def test_sigterm_answers_a_request_on_a_connection_between_requests_instead_of_c
                 b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
             )
-            status, headers, error = _split(_read_response(sock))
-            assert (status, error["error"]["code"]) == (503, "shutting_down") and headers["retry-after"] == "1"
-            assert sock.recv(1) == b""  # then closed
+            silent.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            for conn in (sock, silent):
+                status, headers, error = _split(_read_response(conn))
+                assert (status, error["error"]["code"]) == (503, "shutting_down") and headers["retry-after"] == "1"
+                assert conn.recv(1) == b""  # then closed
 
 
 def _pipelined(*requests: bytes) -> bytes:

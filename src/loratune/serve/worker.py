@@ -65,10 +65,11 @@ class WorkerPool:
         self,
         load: Callable[[], object],
         threads: int | None = None,
+        nice: int = 0,
         restarts: int = RESTARTS,
         backoff_s: float = BACKOFF_S,
     ):
-        self._load, self._threads = load, threads
+        self._load, self._threads, self._nice = load, threads, nice
         self._restarts, self._backoff_s = restarts, backoff_s
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -88,7 +89,7 @@ class WorkerPool:
         """A new child, loaded: (pipe, process, its ClassifierInfos)."""
         ctx = multiprocessing.get_context("spawn")
         conn, child_end = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(child_end, self._load, self._threads), name="loratune-model", daemon=True)
+        process = ctx.Process(target=_serve, args=(child_end, self._load, self._threads, self._nice), name="loratune-model", daemon=True)
         process.start()
         child_end.close()  # the child's end lives in the child only: its exit is an EOF here
         try:
@@ -217,10 +218,12 @@ def _stop(conn, process, timeout_s: float = 10.0) -> None:
     conn.close()
 
 
-def _serve(conn, load: Callable[[], object], threads: int | None) -> None:
+def _serve(conn, load: Callable[[], object], threads: int | None, nice: int = 0) -> None:
     """The child: load, report the models, then answer batches until the pipe closes or says stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a group SIGTERM reach the server, which drains
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the queue into this process and then closes it
+    if nice:
+        os.nice(nice)  # unprivileged: a process may always lower its own priority
     import torch
 
     if threads:
