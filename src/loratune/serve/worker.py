@@ -165,11 +165,14 @@ class WorkerPool:
             started = time.perf_counter()
             try:
                 conn, process, _ = self._start()
-                for name in self.classifiers if self._mode else ():
-                    conn.send((name, ["warm-up"], self._mode))
-                    if _receive(conn, process)[0] != "ok":
-                        _stop(conn, process)
-                        raise LoratuneError("the warm-up forward pass failed")
+                try:
+                    for name in self.classifiers if self._mode else ():
+                        conn.send((name, ["warm-up"], self._mode))
+                        if _receive(conn, process)[0] != "ok":
+                            raise LoratuneError("the warm-up forward pass failed")
+                except BaseException:
+                    _stop(conn, process)
+                    raise
             except Exception as exc:
                 event = {"event": "model_process_restart", "attempt": attempt, "of": self._restarts, "ok": False}
                 log.warning(json.dumps({**event, "error": str(exc) or type(exc).__name__}))
