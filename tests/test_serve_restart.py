@@ -89,3 +89,25 @@ def test_a_model_process_that_cannot_start_again_gives_up_after_its_attempts_wit
     assert "did not start again in 2 attempts" in str(gave_up[0])
     attempts = [r.getMessage() for r in caplog.records if "model_process_restart" in r.getMessage()]
     assert len(attempts) == 2 and all('"ok": false' in a for a in attempts)
+
+
+def test_the_model_process_runs_at_the_niceness_asked_for(trained):
+    cfg = load_config(overrides={"serve.model_process": True, "serve.model_threads": 1, "serve.model_nice": 3})
+    workers = pool_loader({"default": trained.adapter_dir}, cfg)()
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, workers.pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 3)
+    finally:
+        workers.close()
+
+
+def test_a_niceness_out_of_range_is_one_sentence():
+    from loratune.config import validate
+    from loratune.errors import LoratuneError
+
+    for bad in (-1, 20):
+        try:
+            validate(load_config(overrides={"serve.model_nice": bad}))
+        except LoratuneError as exc:
+            assert "serve.model_nice must be in 0..19" in str(exc)
+        else:
+            raise AssertionError(f"serve.model_nice={bad} was accepted")
