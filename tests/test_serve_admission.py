@@ -162,10 +162,15 @@ def test_sigterm_answers_a_request_on_a_connection_between_requests_instead_of_c
     app = create_app(lambda: ModelPool({"a": classifier}))
     with serving(app) as (url, server):
         host, port = url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as sock:
+        with socket.create_connection((host, int(port))) as sock, socket.create_connection((host, int(port))) as silent:
             sock.settimeout(WAIT)
+            silent.settimeout(WAIT)  # accepted, nothing sent yet (the protocol has not built its HTTP state)
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _split(_read_response(sock))[0] == 200  # kept alive, between requests
+            wait_until = time.monotonic() + WAIT
+            while len(server.server_state.connections) < 2:
+                assert time.monotonic() < wait_until, "the silent connection was never accepted"
+                time.sleep(0.01)
             server.should_exit = True  # what SIGTERM does
             deadline = time.monotonic() + WAIT
             while True:  # the listener closes first, then connections are told to shut down
@@ -180,6 +185,72 @@ def test_sigterm_answers_a_request_on_a_connection_between_requests_instead_of_c
                 b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                 % (len(body), body)
             )
-            status, headers, error = _split(_read_response(sock))
-            assert (status, error["error"]["code"]) == (503, "shutting_down") and headers["retry-after"] == "1"
-            assert sock.recv(1) == b""  # then closed
+            silent.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            for conn in (sock, silent):
+                status, headers, error = _split(_read_response(conn))
+                assert (status, error["error"]["code"]) == (503, "shutting_down") and headers["retry-after"] == "1"
+                assert conn.recv(1) == b""  # then closed
+
+
+def _pipelined(*requests: bytes) -> bytes:
+    return b"".join(requests)
+
+
+def _responses(sock: socket.socket, n: int) -> list[bytes]:
+    """The next ``n`` whole responses on ``sock`` (several may come in one read)."""
+    stream, out = sock.makefile("rb"), []
+    for _ in range(n):
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = stream.readline()
+            assert line, "the server closed the connection without an answer"
+            head += line
+        length = next(int(x.split(b":")[1]) for x in head.lower().split(b"\r\n") if x.startswith(b"content-length:"))
+        out.append(head + stream.read(length))
+    return out
+
+
+def _classify_bytes(text: str) -> bytes:
+    body = json.dumps({"text": text}).encode()
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    return head + body
+
+
+def test_pipelined_requests_count_against_the_bound_each(classifier):
+    # Several requests in one TCP write on one kept-alive connection: each classify request goes through admission,
+    # not only the first of the write.
+    app = create_app(lambda: ModelPool({"a": classifier}), max_queue=1, max_wait_ms=0)
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 20\r\n\r\n"
+    with serving(app) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # room: both answered, one after the other
+            sock.settimeout(WAIT)
+            sock.sendall(_pipelined(_classify_bytes("first of two"), _classify_bytes("second of two")))
+            assert [_split(reply)[0] for reply in _responses(sock, 2)] == [200, 200]
+        deadline = time.monotonic() + WAIT  # each left once answered (just after its response was written)
+        while app.state.admission.admitted:
+            assert time.monotonic() < deadline, "an answered pipelined request kept its place"
+            time.sleep(0.01)
+        stalled = [socket.create_connection((host, int(port))) for _ in range(5)]  # the bound: 1 queued + 1 batch of 4
+        try:
+            for sock in stalled:
+                sock.sendall(head + b'{"text"')
+            wait_for = time.monotonic() + WAIT
+            while app.state.admission.admitted < 5:
+                assert time.monotonic() < wait_for, "the stalled requests were never let in"
+                time.sleep(0.01)
+            with socket.create_connection((host, int(port))) as sock:  # full: a probe, then a classify behind it
+                sock.settimeout(WAIT)
+                sock.sendall(_pipelined(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", _classify_bytes("pipelined past the bound")))
+                probe, refusal = _responses(sock, 2)
+                assert _split(probe)[0] == 200
+                status, headers, body = _split(refusal)
+                assert (status, body["error"]["code"]) == (503, "overloaded") and headers["connection"] == "close"
+                assert sock.recv(1) == b""  # then closed
+        finally:
+            for sock in stalled:
+                sock.close()
+    assert app.state.refused == 1

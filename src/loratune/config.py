@@ -178,6 +178,8 @@ class ServeConfig:
     """Run the model in a child process, so forward passes never hold the server's GIL (docs/SERVING.md)."""
     model_threads: int = 0
     """Threads for forward passes in that process; 0: every core but one, which is left to the event loop."""
+    model_nice: int = 0
+    """Niceness added to that process (0..19): higher lets the HTTP process refuse overload sooner when cores are short."""
 
 
 @dataclass
@@ -378,6 +380,8 @@ def validate(cfg: Config, *, training: bool = False) -> None:
         problems.append(f"serve.read_timeout_s must be in (0, 3600] seconds (got {cfg.serve.read_timeout_s})")
     if not 0 <= cfg.serve.model_threads <= 1024:
         problems.append(f"serve.model_threads must be in 0..1024, 0 for every core but one (got {cfg.serve.model_threads})")
+    if not 0 <= cfg.serve.model_nice <= 19:
+        problems.append(f"serve.model_nice must be in 0..19 (got {cfg.serve.model_nice})")
     if cfg.predict.threshold is not None and not 0.0 <= cfg.predict.threshold <= 1.0:
         problems.append(f"predict.threshold must be in [0, 1] (got {cfg.predict.threshold})")
     if not 0 <= cfg.train.seed <= MAX_SEED:  # inspect seeds the val split too

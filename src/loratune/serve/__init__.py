@@ -23,13 +23,14 @@ from .app import Admission, create_app
 from .batcher import DeadlineExceeded, MicroBatcher, QueueFull, ShuttingDown
 from .pool import ModelPool, check_adapters, load_pool, parse_adapter_specs
 from .run import listen, pool_loader, run, server_config
-from .worker import WorkerPool
+from .worker import ModelUnavailable, WorkerPool
 
 __all__ = [
     "Admission",
     "DeadlineExceeded",
     "MicroBatcher",
     "ModelPool",
+    "ModelUnavailable",
     "QueueFull",
     "ShuttingDown",
     "WorkerPool",

@@ -33,6 +33,7 @@ from .schemas import (
     error_responses,
     to_classification,
 )
+from .worker import ModelUnavailable
 
 log = logging.getLogger("loratune.serve")
 
@@ -127,6 +128,8 @@ def _lifespan(load, max_wait_s: float, max_queue: int | None, mode: str, on_load
             if state.closing:
                 return
             state.pool = pool
+            if hasattr(pool, "on_give_up"):  # a model process that died and could not be restarted stops the server
+                pool.on_give_up = lambda exc: loop.call_soon_threadsafe(failed, exc)
             run = lambda key, texts: pool.predict(key[0], texts, key[1], progress=count_pass)  # noqa: E731
             state.batcher = MicroBatcher(run, pool.batch_size, max_wait_s, max_queue)
             state.batcher.start()
@@ -209,6 +212,8 @@ def _ready(state) -> tuple[ModelPool, MicroBatcher]:
         raise ApiError(503, "load_failed", f"the model failed to load: {state.load_error}")
     if state.pool is None:
         raise ApiError(503, "loading", "the model is still loading", {"Retry-After": "1"})
+    if not getattr(state.pool, "ready", True):
+        raise ApiError(503, "model_restarting", state.pool.unavailable(), {"Retry-After": "1"})
     return state.pool, state.batcher
 
 
@@ -244,6 +249,7 @@ def _add_probe_routes(app: FastAPI) -> None:
             queued_texts=batcher.waiting if batcher else 0,
             refused=state.refused,
             dropped=batcher.dropped if batcher else 0,
+            model_restarts=getattr(state.pool, "restarts", 0),
         )
 
 
@@ -317,6 +323,8 @@ async def _answer(state, batcher: MicroBatcher, key: Hashable, texts: list[str],
     except QueueFull:
         state.refused += 1
         raise overloaded(batcher) from None
+    except ModelUnavailable as exc:
+        raise ApiError(503, "model_restarting", str(exc), {"Retry-After": "1"}) from None
     except DeadlineExceeded:
         raise ApiError(504, "deadline_exceeded", "X-Timeout-Ms passed before the request's turn; it was not computed") from None
 

@@ -7,6 +7,7 @@ its connection, and its memory, for as long as it likes. Here a request must arr
 answered 408 (when the client sent something) and closed.
 """
 
+import asyncio
 import socket
 from typing import Protocol
 
@@ -55,18 +56,39 @@ class TimedH11Protocol(H11Protocol):
     drain_s: float = 0.5
     """On shutdown, how long a connection between requests may still bring one (answered 503 ``shutting_down``)."""
 
+    def __init__(self, config, server_state, app_state, _loop=None) -> None:
+        # Light until the first bytes arrive: a connection refused before parsing never builds uvicorn's and h11's
+        # per-connection state, which cost about as much CPU again as the refusal itself (docs/SERVING.md).
+        self._args = (config, server_state, app_state, _loop)
+        self.loop = _loop or asyncio.get_event_loop()
+        self.connections = server_state.connections
+        self._full = False
+        self._read_timer = None
+        self._admitted = self._pre_admitted = self._draining = False
+        """_pre_admitted: the request h11 parses next was let in by _refused_early already."""
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+        self.connections.add(self)  # uvicorn's shutdown reaches it (see shutdown)
+        self._arm()  # a connection that never sends a whole request is closed too
+
+    def _build(self) -> None:
+        """uvicorn's protocol, for a connection whose first request is let in (or is not a classify request)."""
+        self._full, transport = True, self.transport
+        super().__init__(*self._args)
         super().connection_made(transport)
         set_nodelay(transport.get_extra_info("socket"))
-        self._read_timer = None
-        self._admitted = False
-        self._draining = False
-        self._arm()  # a connection that never sends a whole request is closed too
+        if self.admission is not None:  # every request h11 parses passes admission, pipelined ones too
+            self._h11_next_event = self.conn.next_event
+            self.conn.next_event = self._next_event  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         self._leave()
-        super().connection_lost(exc)
+        if self._full:
+            super().connection_lost(exc)
+        else:
+            self.connections.discard(self)
 
     def data_received(self, data: bytes) -> None:
         if self._draining:
@@ -74,30 +96,56 @@ class TimedH11Protocol(H11Protocol):
             return
         if self.admission is not None and self._refused_early(data):
             return
+        if not self._full:
+            self._build()
         super().data_received(data)
         self._track_reading()
 
     def _refused_early(self, data: bytes) -> bool:
         """Answer a new classify request 503 before parsing it when admission says so: under overload, refusing
         through the whole ASGI stack cost the event loop about as much as serving (docs/SERVING.md)."""
-        new_request = self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]
+        new_request = not self._full or (self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0])
         if not (
             new_request and data.startswith(CLASSIFY_REQUEST) and data[len(CLASSIFY_REQUEST) : len(CLASSIFY_REQUEST) + 1] in (b" ", b"?")
         ):
             return False
         refusal = self.admission.enter()  # type: ignore[union-attr]
         if refusal is None:
-            self._admitted = True
+            self._admitted = self._pre_admitted = True
             return False
-        self._unset_keepalive_if_required()
+        self._refuse(refusal)
+        return True
+
+    def _next_event(self):
+        """h11's next event; a classify request not let in before parsing (pipelined behind another request in one
+        write, or split before its request line was whole) asks admission here, and is refused the same way."""
+        event = self._h11_next_event()
+        if type(event) is h11.Request:
+            if self._pre_admitted:
+                self._pre_admitted = False
+            elif event.method == b"POST" and event.target.partition(b"?")[0] == CLASSIFY_PATH:
+                refusal = self.admission.enter()  # type: ignore[union-attr]
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return h11.NEED_DATA  # uvicorn stops reading events: the connection is closing
+                self._admitted = True
+        return event
+
+    def _refuse(self, refusal: bytes) -> None:
+        if self._full:
+            self._unset_keepalive_if_required()
         self.transport.write(refusal)
         self.transport.close()  # the request was read whole or its rest is unwanted: no keep-alive to resume
-        return True
 
     def shutdown(self) -> None:
         """SIGTERM: uvicorn closes connections that are between requests at once, but one accepted just before may
         hold a request the loop has not read yet, and the client would see its connection cut. Such a connection
         gets ``drain_s`` to bring it, answered 503 ``shutting_down`` (Retry-After); then it is closed."""
+        if not self._full:  # nothing received yet
+            self._draining = True
+            self._disarm()
+            self._read_timer = self.loop.call_later(self.drain_s, self.transport.close)
+            return
         between = self.cycle is None or self.cycle.response_complete
         if not (between and self.conn.their_state is h11.IDLE) or self.transport.is_closing():
             super().shutdown()  # a request in progress finishes, then the connection closes
@@ -144,7 +192,8 @@ class TimedH11Protocol(H11Protocol):
 
     def _read_timed_out(self) -> None:
         self._read_timer = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or not self._full:  # nothing received: no request to answer 408
+            self.transport.close()
             return
         state = self.conn.their_state
         headers_pending = state is h11.IDLE and self.conn.trailing_data[0]
@@ -167,7 +216,8 @@ class TimedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-CLASSIFY_REQUEST = b"POST /v1/classify"
+CLASSIFY_PATH = b"/v1/classify"
+CLASSIFY_REQUEST = b"POST " + CLASSIFY_PATH
 SHUTTING_DOWN = raw_error(503, "Service Unavailable", "shutting_down", "the server is shutting down", {"Retry-After": "1"})
 
 

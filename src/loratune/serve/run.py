@@ -65,7 +65,7 @@ def pool_loader(adapters: Mapping[str, Path], cfg: Config, base_model: str | Non
     if not cfg.serve.model_process:
         return load
     threads = cfg.serve.model_threads or model_threads()
-    return functools.partial(WorkerPool, load, threads)
+    return functools.partial(WorkerPool, load, threads, cfg.serve.model_nice)
 
 
 def server_config(app, read_timeout_s: float = 15.0, **kwargs):

@@ -99,6 +99,7 @@ class Stats(BaseModel):
     queued_texts: int = Field(0, description="Texts waiting for a forward pass now (bounded by --max-queue).")
     refused: int = Field(0, description="Classify requests refused with 503 'overloaded' because the queue was full.")
     dropped: int = Field(0, description="Requests dropped before their forward pass: the client left or its deadline passed.")
+    model_restarts: int = Field(0, description="Times the model process died and was started again.")
 
 
 class ErrorDetail(BaseModel):

@@ -7,16 +7,35 @@ child process (spawned, so no threads or sockets are inherited) and answers the 
 batcher's worker thread blocks on the pipe with the GIL released. Texts go one way, predictions the other
 (pickled, a few kB per batch). The child ignores SIGINT/SIGTERM (the server drains and closes it) and exits
 when the pipe closes, so it never outlives the server.
+
+A child that dies (kill -9, the OOM killer) is restarted: the batch it was computing and every request until a new
+child is loaded get :class:`ModelUnavailable` (the app answers 503 ``model_restarting``), ``ready`` is False
+meanwhile (``/readyz`` says 503), and after ``restarts`` failed attempts, ``backoff_s`` doubling between them, the
+pool gives up and tells ``on_give_up`` (the server stops then: its supervisor can start a fresh one).
 """
 
+import json
+import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import LoratuneError
+
+log = logging.getLogger("loratune.serve")
+RESTARTS = 5
+"""Attempts to restart a model process that died, before the server gives up."""
+BACKOFF_S = 0.5
+"""Wait before the first restart attempt; doubled before each next one (0.5, 1, 2, 4, 8 s)."""
+
+
+class ModelUnavailable(LoratuneError):
+    """The model process stopped; the request was not computed (the pool is restarting it)."""
 
 
 @dataclass
@@ -42,19 +61,46 @@ class WorkerPool:
     ModelPool; it runs in the child. Construction blocks until the models are loaded (call it off the loop).
     """
 
-    def __init__(self, load: Callable[[], object], threads: int | None = None):
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_end = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child_end, load, threads), name="loratune-model", daemon=True)
-        self._process.start()
-        child_end.close()  # the child's end lives in the child only: its exit is an EOF here
+    def __init__(
+        self,
+        load: Callable[[], object],
+        threads: int | None = None,
+        nice: int = 0,
+        restarts: int = RESTARTS,
+        backoff_s: float = BACKOFF_S,
+    ):
+        self._load, self._threads, self._nice = load, threads, nice
+        self._restarts, self._backoff_s = restarts, backoff_s
         self._lock = threading.Lock()
-        kind, *payload = self._receive()
-        if kind == "error":
-            self.close()
-            raise payload[0]
-        self.classifiers: dict[str, ClassifierInfo] = payload[0]
+        self._stopping = threading.Event()
+        self._mode: str | None = None  # what warm_up was asked for, to warm a restarted child the same way
+        self.restarts = 0
+        """Children started again after one died."""
+        self.on_give_up: Callable[[BaseException], None] | None = None
+        """Told (in a background thread) when the restarts are exhausted."""
+        self._down = ""  # why the model is unavailable, while it is restarting
+        self._conn, self._process, self.classifiers = self._start()
         self.default = next(iter(self.classifiers))
+        self.ready = True
+        """False from a child's death until its successor is loaded and warm."""
+        threading.Thread(target=self._watch, name="loratune-model-watch", daemon=True).start()
+
+    def _start(self) -> tuple:
+        """A new child, loaded: (pipe, process, its ClassifierInfos)."""
+        ctx = multiprocessing.get_context("spawn")
+        conn, child_end = ctx.Pipe()
+        process = ctx.Process(target=_serve, args=(child_end, self._load, self._threads, self._nice), name="loratune-model", daemon=True)
+        process.start()
+        child_end.close()  # the child's end lives in the child only: its exit is an EOF here
+        try:
+            kind, *payload = _receive(conn, process)
+        except BaseException:
+            _stop(conn, process)
+            raise
+        if kind == "error":
+            _stop(conn, process)
+            raise payload[0]
+        return conn, process, payload[0]
 
     @property
     def pid(self) -> int | None:
@@ -64,14 +110,26 @@ class WorkerPool:
     def batch_size(self) -> int:
         return min(c.batch_size for c in self.classifiers.values())
 
+    def unavailable(self) -> str:
+        """Why the model cannot answer now (while not :attr:`ready`)."""
+        return self._down
+
     def warm_up(self, mode: str) -> None:
+        self._mode = mode
         for name in self.classifiers:
             self.predict(name, ["warm-up"], mode)
 
     def predict(self, name: str, texts: list[str], mode: str, progress=None) -> list:
+        if not self.ready:
+            raise ModelUnavailable(self._down)
         with self._lock:  # one batch at a time, like the in-process pool
-            self._conn.send((name, texts, mode))
-            kind, *payload = self._receive()
+            try:
+                self._conn.send((name, texts, mode))
+                kind, *payload = _receive(self._conn, self._process)
+            except LoratuneError as exc:
+                raise ModelUnavailable(f"{exc}; the server is restarting it") from None
+            except OSError:
+                raise ModelUnavailable("the model process stopped; the server is restarting it") from None
         if kind == "error":
             raise payload[0]
         predictions, passes = payload
@@ -80,30 +138,95 @@ class WorkerPool:
                 progress(len(texts))
         return predictions
 
-    def _receive(self) -> tuple:
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            code = self._process.exitcode
-            raise LoratuneError(f"the model process stopped (exit status {code})") from None
-
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the child (after the batch it is running, if any)."""
-        try:
-            self._conn.send(None)
-        except OSError:
-            pass  # it is gone already
-        self._process.join(timeout_s)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
+        """Stop the child (after the batch it is running, if any), and any restart under way."""
+        self._stopping.set()
+        with self._lock:
+            _stop(self._conn, self._process, timeout_s)
+
+    def _watch(self) -> None:
+        """Wait for the child to end; unless the pool is closing, restart it."""
+        while True:
+            process = self._process
+            multiprocessing.connection.wait([process.sentinel])
+            if self._stopping.is_set():
+                return
+            process.join(1.0)
+            self.ready = False
+            self._down = f"the model process stopped ({_how(process.exitcode)}); the server is restarting it"
+            log.warning(json.dumps({"event": "model_process_died", "pid": process.pid, "exit": _how(process.exitcode)}))
+            if not self._restart():
+                return
+
+    def _restart(self) -> bool:
+        for attempt in range(1, self._restarts + 1):
+            if self._stopping.wait(self._backoff_s * 2 ** (attempt - 1)):
+                return False
+            started = time.perf_counter()
+            try:
+                conn, process, _ = self._start()
+                try:
+                    for name in self.classifiers if self._mode else ():
+                        conn.send((name, ["warm-up"], self._mode))
+                        if _receive(conn, process)[0] != "ok":
+                            raise LoratuneError("the warm-up forward pass failed")
+                except BaseException:
+                    _stop(conn, process)
+                    raise
+            except Exception as exc:
+                event = {"event": "model_process_restart", "attempt": attempt, "of": self._restarts, "ok": False}
+                log.warning(json.dumps({**event, "error": str(exc) or type(exc).__name__}))
+                continue
+            with self._lock:
+                old = self._conn
+                self._conn, self._process = conn, process
+                if self._stopping.is_set():  # closed meanwhile: close() stopped the old child, not this one
+                    _stop(conn, process)
+                    return False
+            old.close()
+            self.restarts += 1
+            self.ready = True
+            event = {"event": "model_process_restart", "attempt": attempt, "ok": True, "pid": process.pid}
+            log.warning(json.dumps({**event, "load_s": round(time.perf_counter() - started, 2)}))
+            return True
+        error = LoratuneError(f"the model process stopped and did not start again in {self._restarts} attempts; see the log above")
+        self._down = str(error)
+        log.error(json.dumps({"event": "model_process_gave_up", "attempts": self._restarts}))
+        if self.on_give_up is not None:
+            self.on_give_up(error)
+        return False
 
 
-def _serve(conn, load: Callable[[], object], threads: int | None) -> None:
+def _receive(conn, process) -> tuple:
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        process.join(1.0)  # the pipe closes a moment before the exit status is known
+        raise LoratuneError(f"the model process stopped ({_how(process.exitcode)})") from None
+
+
+def _how(code: int | None) -> str:
+    return f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+
+
+def _stop(conn, process, timeout_s: float = 10.0) -> None:
+    try:
+        conn.send(None)
+    except OSError:
+        pass  # it is gone already
+    process.join(timeout_s)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    conn.close()
+
+
+def _serve(conn, load: Callable[[], object], threads: int | None, nice: int = 0) -> None:
     """The child: load, report the models, then answer batches until the pipe closes or says stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a group SIGTERM reach the server, which drains
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the queue into this process and then closes it
+    if nice:
+        os.nice(nice)  # unprivileged: a process may always lower its own priority
     import torch
 
     if threads:
