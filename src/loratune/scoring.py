@@ -142,7 +142,7 @@ class T5LabelScorer:
         """(B, L) label log-likelihoods (fp32, or fp64 for an fp64 model) for a padded batch of prompts."""
         if self.fused is not None:
             encoded = encode(self.fused, self.encoder, input_ids, attention_mask)
-            dtype = encoded.dtype
+            dtype = encoded[0].dtype
             cross_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
             hidden = decode(self.fused, self.decoder, self.trie.tokens, self._self_mask(dtype), encoded, cross_mask)
             return self._label_scores(hidden)

@@ -167,30 +167,49 @@ def _gated(layer: dict, act, x: torch.Tensor) -> torch.Tensor:
     return layer["wo"](layer["act"](gate_in[..., :half]) * gate_in[..., half:])
 
 
-def encode(fused: FusedT5, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The encoder's last hidden state, as ``encoder(input_ids, attention_mask).last_hidden_state``."""
-    hidden = encoder.embed_tokens(input_ids)
-    t = input_ids.shape[1]
+def _unpack(x: torch.Tensor, keep: torch.Tensor | None, b: int, t: int) -> torch.Tensor:
+    """(B, T, C) from the real tokens' rows ``x`` (M, C), zeros at padding; ``keep`` None: ``x`` is (B, T, C)."""
+    if keep is None:
+        return x
+    return x.new_zeros(b * t, x.shape[-1]).index_copy_(0, keep, x).view(b, t, -1)
+
+
+def encode(fused: FusedT5, encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The encoder's last hidden state, as ``encoder(input_ids, attention_mask).last_hidden_state``, packed:
+    ``(hidden, keep)`` with ``hidden`` (M, D) at the real tokens ``keep`` (indices into B x T), or (B, T, D)
+    with ``keep`` None. Float models skip the padding in every projection and norm (attention still sees
+    (B, T)); int8 ones keep it, as the module path does, since padding rows take part in the per-tensor
+    activation scales."""
+    b, t = input_ids.shape
+    keep = None
+    if fused.act is not None and not bool(attention_mask.all()):
+        keep = attention_mask.reshape(-1).nonzero().squeeze(1)
+        hidden = encoder.embed_tokens(input_ids.reshape(-1)[keep])
+    else:
+        hidden = encoder.embed_tokens(input_ids)
     attn0 = encoder.block[0].layer[0].SelfAttention
     bias = attn0.compute_bias(t, t, device=hidden.device).to(hidden.dtype)  # (1, H, T, T)
     mask = torch.where(attention_mask[:, None, None, :].bool(), bias, torch.finfo(hidden.dtype).min)
     h, d = fused.n_heads, fused.d_kv
     for block, layer in zip(encoder.block, fused.enc):
         x = block.layer[0].layer_norm(hidden)
-        q, k, v = _split_heads(layer["qkv"](x), 3 * h, d).split(h, dim=-3)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        hidden = hidden + layer["o"](_merge_heads(a))
+        q, k, v = _split_heads(_unpack(layer["qkv"](x), keep, b, t), 3 * h, d).split(h, dim=-3)
+        a = _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0))
+        hidden = hidden + layer["o"](a if keep is None else a.reshape(b * t, -1).index_select(0, keep))
         hidden = hidden + _gated(layer, fused.act, block.layer[1].layer_norm(hidden))
-    return encoder.final_layer_norm(hidden)
+    return encoder.final_layer_norm(hidden), keep
 
 
 def decode(fused: FusedT5, decoder, tokens, self_mask, encoded, cross_mask) -> torch.Tensor:
     """The decoder's final hidden state (before the LM head) at the trie nodes ``tokens`` for every prompt.
 
-    ``self_mask`` (1, H, N, N): tree mask plus position bias; ``cross_mask`` (B, 1, 1, T): the padding mask."""
+    ``self_mask`` (1, H, N, N): tree mask plus position bias; ``encoded``: :func:`encode`'s (hidden, keep);
+    ``cross_mask`` (B, 1, 1, T): the padding mask."""
     h, d = fused.n_heads, fused.d_kv
-    b, n = encoded.shape[0], tokens.shape[0]
-    kv = _split_heads(fused.cross_kv(encoded), 2 * len(fused.dec) * h, d).split(h, dim=-3)  # (B, H, T, d) each
+    b, t = cross_mask.shape[0], cross_mask.shape[-1]
+    n = tokens.shape[0]
+    kv = _unpack(fused.cross_kv(encoded[0]), encoded[1], b, t)  # padding keys are zeros, masked out
+    kv = _split_heads(kv, 2 * len(fused.dec) * h, d).split(h, dim=-3)  # (B, H, T, d) each
     hidden = decoder.embed_tokens(tokens)[None]  # (1, N, D): every prompt's nodes are the same until cross-attn
     for i, (block, layer) in enumerate(zip(decoder.block, fused.dec)):
         x = block.layer[0].layer_norm(hidden)
