@@ -9,8 +9,9 @@ saved as a transformers directory and converted with CTranslate2's own transform
 ``quantization="int8"`` and once with ``"float32"``. Rows, all in this one process, interleaved, ``repeats``
 times (tables quote the median), 32 tickets per batch, every engine on the same number of threads:
 
-* loratune score mode (``Classifier`` with ``--quantize none`` / ``int8`` / ``bf16``: ``quantize.quantize_int8``,
-  ``quantize.to_bf16``), which returns a calibrated probability for every label;
+* loratune score mode (``Classifier`` with ``--quantize none`` / ``int8``: ``quantize.quantize_int8``), which
+  returns a calibrated probability for every label; and the same scorer on the model cast to bfloat16 (an
+  evaluation of CPU bf16, not a product option: see docs/BENCHMARKS.md);
 * the encoder alone (fp32 / int8): the floor any T5 scorer pays;
 * CTranslate2 ``translate_batch``, greedy, int8 / float32, capped at the label's tokens + EOS (what a tuned
   adapter emits; random weights never stop earlier) and at 4 tokens (the issue's setting). Greedy text is the
@@ -46,7 +47,7 @@ import torch
 from benchmarks.run import DEFAULT_OUT, LABELS, agreement, build_model, encoder_only, machine_info, stratified, synth_tickets, with_adapter
 from loratune.atomic import write_text
 from loratune.families.seq2seq import label_token_ids, seq2seq_label_logprobs
-from loratune.quantize import quantize_int8, to_bf16
+from loratune.quantize import quantize_int8
 
 BATCH = 32
 ISSUE_GREEDY_TOKENS = 4
@@ -146,10 +147,29 @@ def loratune_rows(merged, int8, bf16, tokenizer, prompts) -> list[Row]:
     return [
         Row("loratune score", "loratune", "fp32", score(merged), prompts, "a probability for every label"),
         Row("loratune score", "loratune", "int8", score(int8), prompts, "--quantize int8"),
-        Row("loratune score", "loratune", "bf16", score(bf16), prompts, "--quantize bf16 (not a target)"),
+        Row("loratune score", "loratune", "bf16", score(bf16), prompts, "model.to(bfloat16), not a target"),
         Row("encoder only (floor)", "loratune", "fp32", encoder_only(merged, tokenizer, BATCH), prompts),
         Row("encoder only (floor)", "loratune", "int8", encoder_only(int8, tokenizer, BATCH), prompts),
     ]
+
+
+def interleaved(rows: list[Row]) -> list[Row]:
+    """Each target's pair adjacent (loratune fp32 then CTranslate2 float32 4-token greedy, the same for int8),
+    then the other rows alternating between the engines."""
+    find = {(r.name, r.precision): r for r in rows}
+    first = [
+        find.get(key)
+        for key in (
+            ("loratune score", "fp32"),
+            (f"CTranslate2 greedy, {ISSUE_GREEDY_TOKENS} tokens", "float32"),
+            ("loratune score", "int8"),
+            (f"CTranslate2 greedy, {ISSUE_GREEDY_TOKENS} tokens", "int8"),
+        )
+    ]
+    first = [r for r in first if r is not None]
+    rest = [r for r in rows if r not in first]
+    ours, theirs = [r for r in rest if r.engine == "loratune"], [r for r in rest if r.engine != "loratune"]
+    return first + [r for pair in itertools.zip_longest(ours, theirs) for r in pair if r is not None]
 
 
 def measure(rows: list[Row], repeats: int, echo) -> None:
@@ -180,7 +200,7 @@ def run(quick: bool = False, out: str | Path | None = None, echo=print) -> dict:
     stock, tokenizer = build_model(dev, s.seed)
     merged = with_adapter(stock, s.seed)[1]
     int8 = quantize_int8(copy.deepcopy(merged))
-    bf16 = to_bf16(copy.deepcopy(merged))
+    bf16 = copy.deepcopy(merged).to(torch.bfloat16)
     prompts = synth_tickets(tokenizer, s.n_tickets, s.seed)
     lengths = [len(x) for x in tokenizer(prompts)["input_ids"]]
     pair_prompts = stratified(prompts, lengths, s.n_pairs)[0]
@@ -199,10 +219,8 @@ def run(quick: bool = False, out: str | Path | None = None, echo=print) -> dict:
             # bfloat16 / int8_bfloat16 rows need CPU support in CTranslate2's build; listed so the report says why not.
             versions["ctranslate2_cpu_compute_types"] = sorted(ctranslate2.get_supported_compute_types("cpu"))
             rows += ct2_rows(convert(merged, tokenizer, Path(tmp)), tokenizer, prompts, pair_prompts, label_len, threads)
-        # Interleave the engines (loratune, CTranslate2, loratune, ...) so drift and load hit them alike.
-        ours, theirs = [r for r in rows if r.engine == "loratune"], [r for r in rows if r.engine != "loratune"]
-        order = [r for pair in itertools.zip_longest(ours, theirs) for r in pair if r is not None]
-        measure(order, s.repeats, echo)
+        # Interleave the engines so drift and load hit them alike; the rows a target compares run back to back.
+        measure(interleaved(rows), s.repeats, echo)
     results = {
         "mode": "quick" if quick else "full",
         "command": "python -m benchmarks.deployer" + (" --quick" if quick else ""),
