@@ -10,7 +10,8 @@ saved as a transformers directory and converted with CTranslate2's own transform
 times (tables quote the median), 32 tickets per batch, every engine on the same number of threads:
 
 * loratune score mode (``Classifier`` with ``--quantize none`` / ``int8``: ``quantize.quantize_int8``), which
-  returns a calibrated probability for every label;
+  returns a calibrated probability for every label; and the same scorer on the model cast to bfloat16 (an
+  evaluation of CPU bf16, not a product option: see docs/BENCHMARKS.md);
 * the encoder alone (fp32 / int8): the floor any T5 scorer pays;
 * CTranslate2 ``translate_batch``, greedy, int8 / float32, capped at the label's tokens + EOS (what a tuned
   adapter emits; random weights never stop earlier) and at 4 tokens (the issue's setting). Greedy text is the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -138,16 +140,36 @@ def ct2_rows(dirs: dict[str, Path], tokenizer, prompts, pair_prompts, label_len:
     return rows
 
 
-def loratune_rows(merged, int8, tokenizer, prompts) -> list[Row]:
+def loratune_rows(merged, int8, bf16, tokenizer, prompts) -> list[Row]:
     def score(model):
         return lambda texts: seq2seq_label_logprobs(model, tokenizer, texts, LABELS, batch_size=BATCH)
 
     return [
         Row("loratune score", "loratune", "fp32", score(merged), prompts, "a probability for every label"),
         Row("loratune score", "loratune", "int8", score(int8), prompts, "--quantize int8"),
+        Row("loratune score", "loratune", "bf16", score(bf16), prompts, "model.to(bfloat16), not a target"),
         Row("encoder only (floor)", "loratune", "fp32", encoder_only(merged, tokenizer, BATCH), prompts),
         Row("encoder only (floor)", "loratune", "int8", encoder_only(int8, tokenizer, BATCH), prompts),
     ]
+
+
+def interleaved(rows: list[Row]) -> list[Row]:
+    """Each target's pair adjacent (loratune fp32 then CTranslate2 float32 4-token greedy, the same for int8),
+    then the other rows alternating between the engines."""
+    find = {(r.name, r.precision): r for r in rows}
+    first = [
+        find.get(key)
+        for key in (
+            ("loratune score", "fp32"),
+            (f"CTranslate2 greedy, {ISSUE_GREEDY_TOKENS} tokens", "float32"),
+            ("loratune score", "int8"),
+            (f"CTranslate2 greedy, {ISSUE_GREEDY_TOKENS} tokens", "int8"),
+        )
+    ]
+    first = [r for r in first if r is not None]
+    rest = [r for r in rows if r not in first]
+    ours, theirs = [r for r in rest if r.engine == "loratune"], [r for r in rest if r.engine != "loratune"]
+    return first + [r for pair in itertools.zip_longest(ours, theirs) for r in pair if r is not None]
 
 
 def measure(rows: list[Row], repeats: int, echo) -> None:
@@ -178,12 +200,13 @@ def run(quick: bool = False, out: str | Path | None = None, echo=print) -> dict:
     stock, tokenizer = build_model(dev, s.seed)
     merged = with_adapter(stock, s.seed)[1]
     int8 = quantize_int8(copy.deepcopy(merged))
+    bf16 = copy.deepcopy(merged).to(torch.bfloat16)
     prompts = synth_tickets(tokenizer, s.n_tickets, s.seed)
     lengths = [len(x) for x in tokenizer(prompts)["input_ids"]]
     pair_prompts = stratified(prompts, lengths, s.n_pairs)[0]
     label_len = max(len(x) for x in label_token_ids(tokenizer, LABELS))
     echo(f"deployer benchmark ({'quick' if quick else 'full'}): {info['cpu']}, {threads} threads, torch {info['torch']}")
-    rows = loratune_rows(merged, int8, tokenizer, prompts)
+    rows = loratune_rows(merged, int8, bf16, tokenizer, prompts)
     skipped, versions = None, {}
     try:
         import ctranslate2
@@ -193,10 +216,11 @@ def run(quick: bool = False, out: str | Path | None = None, echo=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if skipped is None:
             versions["ctranslate2"] = ctranslate2.__version__
+            # bfloat16 / int8_bfloat16 rows need CPU support in CTranslate2's build; listed so the report says why not.
+            versions["ctranslate2_cpu_compute_types"] = sorted(ctranslate2.get_supported_compute_types("cpu"))
             rows += ct2_rows(convert(merged, tokenizer, Path(tmp)), tokenizer, prompts, pair_prompts, label_len, threads)
-        # Interleave the engines (loratune, CTranslate2, loratune, ...) so drift and load hit them alike.
-        order = [r for pair in zip(rows[:4], rows[4:8]) for r in pair] + rows[8:] if skipped is None else rows
-        measure(order, s.repeats, echo)
+        # Interleave the engines so drift and load hit them alike; the rows a target compares run back to back.
+        measure(interleaved(rows), s.repeats, echo)
     results = {
         "mode": "quick" if quick else "full",
         "command": "python -m benchmarks.deployer" + (" --quick" if quick else ""),
@@ -235,8 +259,10 @@ def _agreement(rows: list[Row], prompts, pair_prompts) -> dict:
     """CTranslate2 score_batch against loratune's scores on the same tickets (top-1, full ranking, max |diff|)."""
     find = {(r.name, r.precision): r for r in rows}
     index = [prompts.index(p) for p in pair_prompts]
-    out = {"int8 vs fp32 (loratune)": agreement(find["loratune score", "int8"].outputs, find["loratune score", "fp32"].outputs)}
-    out["int8 vs fp32 (loratune)"]["n"] = len(prompts)
+    out = {}
+    for precision in ("int8", "bf16"):
+        key = f"{precision} vs fp32 (loratune)"
+        out[key] = agreement(find["loratune score", precision].outputs, find["loratune score", "fp32"].outputs) | {"n": len(prompts)}
     for precision, against in (("float32", "fp32"), ("int8", "fp32"), ("int8", "int8")):
         ct2 = find.get(("CTranslate2 score_batch, every (prompt, label)", precision))
         if ct2 is not None:
@@ -270,7 +296,8 @@ def markdown(r: dict) -> str:
         f"# loratune vs a deployer's engine ({r['mode']})",
         "",
         f"`{r['command']}`, {m['date']}, {r['wall_s']:.0f} s. {m['cpu']} ({m['cpu_flags']}), {r['settings']['threads']} threads "
-        f"for every engine; torch {m['torch']}, CTranslate2 {m.get('ctranslate2', '-')}; load average at start / end "
+        f"for every engine; torch {m['torch']}, CTranslate2 {m.get('ctranslate2', '-')} (CPU compute types here: "
+        f"{', '.join(m.get('ctranslate2_cpu_compute_types', ['-']))}); load average at start / end "
         f"{m['load_average_at_start']} / {m['load_average_at_end']}.",
         "",
         f"Model: {r['model']}. {r['settings']['n_tickets']} tickets (mean {r['prompt_tokens_mean']} prompt tokens), "

@@ -61,7 +61,8 @@ DEFAULT_BATCH = 32  # PredictConfig.batch_size
 TARGETS = {
     "score_vs_generate_single": 5.0,
     "score_vs_generate_batched": 1.2,
-    "score_logprob_tolerance": 1e-4,
+    # fast vs naive log-probs: max |diff| / max |log-prob| (fp32 rounding; docs/BENCHMARKS.md justifies 2e-6).
+    "score_logprob_rel_tolerance": 2e-6,
     "score_fraction_of_peak": 0.40,
     "int8_vs_generate_single": 10.0,
     "train_vs_naive": 2.0,
@@ -865,6 +866,9 @@ def run(quick: bool = False, out: str | Path | None = None, device: str | None =
     return results
 
 
+RELATIVE_DIFF = "max |diff| / max |log-prob|"
+
+
 def evaluate_targets(fast, naive, gen_single, gen_batched, int8, precision, training) -> list[dict]:
     t = TARGETS
     fvn = precision["fast_vs_naive"]
@@ -877,7 +881,12 @@ def evaluate_targets(fast, naive, gen_single, gen_batched, int8, precision, trai
             "x",
         ),
         ("fast scorer ranks labels exactly as the naive scorer", fvn["ranking_agreement"], 1.0, "share"),
-        ("fast scorer log-probs within 1e-4 of the naive scorer", fvn["max_abs_diff"], t["score_logprob_tolerance"], "max |diff|"),
+        (
+            "fast scorer log-probs equal the naive scorer's to fp32 rounding",
+            fvn["max_abs_diff"] / max(fvn["max_abs_logprob"], 1.0),
+            t["score_logprob_rel_tolerance"],
+            RELATIVE_DIFF,
+        ),
         ("score (fast) >= 40% of fp32 matmul peak", fast["fraction_of_peak"], t["score_fraction_of_peak"], "fraction"),
         (
             "training, loratune defaults >= 2x naive baseline",
@@ -897,11 +906,11 @@ def evaluate_targets(fast, naive, gen_single, gen_batched, int8, precision, trai
         )
     out = []
     for name, value, threshold, unit in rows:
-        met = value <= threshold if unit == "max |diff|" else value >= threshold
+        met = value <= threshold if unit == RELATIVE_DIFF else value >= threshold
         out.append(
             {
                 "target": name,
-                "value": round(value, 6 if unit == "max |diff|" else 3),
+                "value": float(f"{value:.3g}") if unit == RELATIVE_DIFF else round(value, 3),
                 "threshold": threshold,
                 "unit": unit,
                 "met": bool(met),

@@ -208,3 +208,60 @@ def test_classifier_predictions_unchanged(lora_models, base):
     predictions = clf.predict(TEXTS)
     assert [p.label for p in predictions] == [LABELS[i] for i in ref_probs.argmax(1)]
     np.testing.assert_allclose(clf.predict_proba(TEXTS), ref_probs, atol=1e-5)
+
+
+def _fused_and_module_scores(model, tokenizer, labels):
+    """(fused-path scores, module-path scores) from one scorer on the same padded batch."""
+    from loratune.families.common import right_pad
+
+    scorer = T5LabelScorer(model, label_token_ids(tokenizer, labels))
+    assert scorer.fused is not None
+    inputs = right_pad(tokenizer, tokenizer(prompts_for(labels))["input_ids"], "cpu")
+    fused = scorer.score(inputs["input_ids"], inputs["attention_mask"])
+    scorer.fused = None
+    return fused, scorer.score(inputs["input_ids"], inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("name", ["default", "shared prefixes", "multi-token"])
+def test_fused_path_matches_the_module_path(lora_models, base, name):
+    _, tokenizer = base
+    fused, module = _fused_and_module_scores(lora_models[1], tokenizer, LABEL_SETS[name])
+    torch.testing.assert_close(fused, module, rtol=0, atol=1e-4)
+    assert torch.equal(fused.argmax(1), module.argmax(1))
+
+
+def test_fused_int8_path_is_bit_identical_to_the_module_path(lora_models, base):
+    from loratune.quantize import quantize_int8
+
+    _, tokenizer = base
+    int8 = quantize_int8(copy.deepcopy(lora_models[1]))
+    fused, module = _fused_and_module_scores(int8, tokenizer, LABEL_SETS["shared prefixes"])
+    assert torch.equal(fused, module)
+
+
+def test_fused_path_only_for_plain_or_int8_linear_layers(lora_models):
+    from loratune.t5_fused import fused_t5
+
+    peft_model, merged = lora_models
+    assert fused_t5(peft_model.base_model.model) is None  # unmerged LoRA layers keep the module path
+    assert fused_t5(merged) is fused_t5(merged)  # built once per model
+
+
+def test_fused_weights_follow_a_weight_change(base):
+    model, tokenizer = base
+    model = copy.deepcopy(model)
+    before = _fused_and_module_scores(model, tokenizer, LABELS)[0]
+    with torch.no_grad():
+        model.get_encoder().block[0].layer[0].SelfAttention.k.weight.mul_(3.0)
+    fused, module = _fused_and_module_scores(model, tokenizer, LABELS)
+    assert not torch.allclose(before, fused)
+    torch.testing.assert_close(fused, module, rtol=0, atol=1e-4)
+
+
+def test_gated_gelu_equals_torchs_tanh_gelu_times_the_gate():
+    from loratune.t5_fused import _gated_gelu
+
+    torch.manual_seed(0)
+    x, gate = torch.randn(2, 64, 100) * 4, torch.randn(2, 64, 100)
+    ref = torch.nn.functional.gelu(x, approximate="tanh") * gate
+    torch.testing.assert_close(_gated_gelu(x, gate), ref, rtol=1e-6, atol=1e-6)
