@@ -53,7 +53,7 @@ def test_int8_generates_text(tiny_t5):
 def test_int8_refuses_a_gpu_an_unmerged_model_and_unknown_values(tiny_t5):
     with pytest.raises(LoratuneError, match="CPU only"):
         Classifier.from_pretrained(tiny_t5, labels=LABELS, quantize="int8", device="cuda")
-    with pytest.raises(LoratuneError, match="must be none or int8"):
+    with pytest.raises(LoratuneError, match="must be (none, int8 or bf16|one of none, int8, bf16)"):
         Classifier.from_pretrained(tiny_t5, labels=LABELS, quantize="int4")
     cfg = load_config(overrides={"predict.quantize": "int8", "predict.merge": False})
     with pytest.raises(LoratuneError, match="needs predict.merge true"):
@@ -156,3 +156,35 @@ def test_low_int8_agreement_is_called_out():
     row = {"model": "adapter", "mode": "score", "n": 100, "top1_agreement": 0.2, "max_prob_diff": 0.97, "speedup": 2.1}
     assert "int8 changes this model's answers" in describe(row)
     assert "changes" not in describe(row | {"top1_agreement": 0.97})
+
+
+@pytest.mark.parametrize("family", list(TINY_FIXTURES))
+def test_bf16_casts_the_model_and_mostly_agrees_with_fp32(request, family):
+    import torch
+
+    model = request.getfixturevalue(TINY_FIXTURES[family])
+    fp32 = Classifier.from_pretrained(model, labels=LABELS)
+    bf16 = Classifier.from_pretrained(model, labels=LABELS, quantize="bf16")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16} and bf16.device.type == "cpu"
+    p32, p16 = fp32.predict_proba(TEXTS), bf16.predict_proba(TEXTS)
+    assert p16.dtype == p32.dtype and np.allclose(p16.sum(1), 1.0)
+    assert not np.array_equal(p32, p16)  # it really ran in bf16
+    assert (p32.argmax(1) == p16.argmax(1)).mean() >= 0.75  # random tiny weights: near-ties (see the int8 test)
+
+
+def test_bf16_refuses_a_gpu(tiny_t5):
+    with pytest.raises(LoratuneError, match="bf16 is for the CPU"):
+        Classifier.from_pretrained(tiny_t5, labels=LABELS, quantize="bf16", device="cuda")
+
+
+def test_evaluate_reports_bf16_beside_fp32(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, err = run_main(
+        ["evaluate", "--adapter", trained.adapter_dir, "--quantize", "bf16", "--output-dir", out, "--json"], capsys
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert [r["model"] for r in report["results"]] == ["adapter", "adapter bf16"]
+    (row,) = report["int8"]
+    assert row["precision"] == "bf16" and row["int8_model"] == "adapter bf16" and row["top1_agreement"] >= 0.75
+    assert "bf16 vs fp32 (adapter, score): same prediction on" in (out / "report.md").read_text()

@@ -152,11 +152,12 @@ def evaluate(
     quiet_libraries()
     if adapter is None and not cfg.data.labels:
         cfg.data.labels = _labels_of(cfg)  # a base model is asked about the labels the test data has
+    precision = cfg.predict.quantize
     cfg, device = fp32_for_int8(cfg)
     clf = opt.load_classifier(adapter, cfg, modes[0], base_override=model, device=device)
     path, examples = eval_examples(cfg, clf)
     name = "adapter" if adapter else "base"
-    report = run_eval([(name, clf)], examples, modes, path, clf.labels, progress, int8=(name,) if device else ())
+    report = run_eval([(name, clf)], examples, modes, path, clf.labels, progress, int8=(name,) if device else (), precision=precision)
     out = _write(report, output_dir or "outputs/evaluate")
     if json_out:
         print(json.dumps(report, indent=2))

@@ -111,7 +111,8 @@ QuantizeOpt = Annotated[
     Optional[str],
     typer.Option(
         "--quantize",
-        help="none or int8: dynamic int8 Linear layers of the merged model, CPU only (evaluate/compare: an int8 row beside fp32).",
+        help="none, int8 (dynamic int8 Linear layers) or bf16 (bfloat16 weights) for the merged model, CPU only "
+        "(evaluate/compare: an int8/bf16 row beside fp32).",
         show_default=default("predict.quantize"),
     ),
 ]

@@ -34,9 +34,9 @@ def eval_examples(cfg: Config, clf: Classifier):
 
 
 def fp32_for_int8(cfg: Config) -> tuple[Config, str | None]:
-    """evaluate/compare with ``--quantize int8`` measure the fp32 model beside its int8 twin: (a copy of ``cfg``
-    loading fp32, "cpu") then; else (``cfg``, None)."""
-    if cfg.predict.quantize != INT8:
+    """evaluate/compare with ``--quantize int8`` (or bf16) measure the fp32 model beside its int8 (bf16) twin:
+    (a copy of ``cfg`` loading fp32, "cpu") then; else (``cfg``, None)."""
+    if cfg.predict.quantize == "none":
         return cfg, None
     cfg = copy.deepcopy(cfg)
     cfg.predict.quantize = "none"
@@ -51,11 +51,12 @@ def run_eval(
     labels: Sequence[str],
     progress: ProgressFactory = None,
     int8: Collection[str] = (),
+    precision: str = INT8,
 ) -> dict:
     """Evaluate every (name, classifier) in every mode it supports; one report.
 
     ``int8``: names of (fp32, CPU) models that also get an int8 twin's row (``{name} int8``, after the fp32
-    rows of its mode) and a line in ``report["int8"]`` on how often the two agree."""
+    rows of its mode) and a line in ``report["int8"]`` on how often the two agree; ``precision``: int8 or bf16."""
 
     def run(name, clf, mode):
         bar = progress(len(examples), f"{name} {mode}") if progress else None
@@ -74,14 +75,14 @@ def run_eval(
         results += [r for *_, r in done]
         for name, clf, fp32 in done:
             if name in int8:
-                twin = twins[name] = twins.get(name) or int8_twin(clf)
-                pairs.append((fp32, run(f"{name} {INT8}", twin, mode)))
+                twin = twins[name] = twins.get(name) or int8_twin(clf, precision)
+                pairs.append((fp32, run(f"{name} {precision}", twin, mode)))
                 results.append(pairs[-1][1])
     if not results:
         raise LoratuneError(GENERATE_NOT_FOR_ENCODERS)
     report = build_report(results, examples, dataset, labels)
     if pairs:
-        report["int8"] = int8_rows(*zip(*pairs))
+        report["int8"] = int8_rows(*zip(*pairs), precision=precision)
     return report
 
 
@@ -118,6 +119,7 @@ def compare(
         cfg.data.test = test
     if not adapters:
         raise LoratuneError("compare needs at least one adapter")
+    precision = cfg.predict.quantize
     cfg, device = fp32_for_int8(cfg)
     tuned = [classifier_from_config(cfg, a, base_override=base_override, device=device) for a in adapters]
     labels = tuned[0].labels
@@ -144,7 +146,7 @@ def compare(
         models.append((name, clf))
     path, examples = eval_examples(cfg, tuned[0])
     int8 = names.keys() if device else ()  # the adapters get int8 rows; the base rows are there to beat
-    report = run_eval(models, examples, modes, path, labels, progress, int8=int8)
+    report = run_eval(models, examples, modes, path, labels, progress, int8=int8, precision=precision)
     if baseline != "none":
         _add_baseline(report, tuned[0], cfg, examples, required=baseline == "embeddings")
     if single:

@@ -29,7 +29,7 @@ CHAT_TEMPLATES = ("auto", "on", "off")
 CLASS_WEIGHTS = ("none", "auto")
 ALL_LINEAR = "all-linear"
 """PEFT's keyword for every linear layer but the output layer (``lora.target_modules``)."""
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "bf16")
 # Bounds that keep absurd values from reaching torch/numpy as overflows: far beyond any real run.
 MAX_BATCH_SIZE = 1 << 20
 MAX_EPOCHS = 1e6
@@ -156,7 +156,8 @@ class PredictConfig:
     baseline_model: str | None = None
     """``compare``'s frozen-embedding baseline: the embedding model. Empty: the MiniLM of the dev extra."""
     quantize: str = "none"
-    """none, or int8: dynamic int8 quantization of the merged model's Linear layers, on the CPU (see quantize.py)."""
+    """none; int8: dynamic int8 quantization of the merged model's Linear layers; bf16: the merged model in
+    bfloat16. CPU only (see quantize.py)."""
 
 
 @dataclass
@@ -359,7 +360,7 @@ def validate(cfg: Config, *, training: bool = False) -> None:
     if cfg.predict.quantize not in QUANTIZE:
         problems.append(f"predict.quantize (--quantize) must be one of {', '.join(QUANTIZE)} (got {cfg.predict.quantize!r})")
     elif cfg.predict.quantize != "none" and not cfg.predict.merge:
-        problems.append("predict.quantize int8 quantizes the merged model: it needs predict.merge true")
+        problems.append(f"predict.quantize {cfg.predict.quantize} converts the merged model: it needs predict.merge true")
     if not 1 <= cfg.predict.batch_size <= MAX_BATCH_SIZE:
         problems.append(f"predict.batch_size (--batch-size) must be in 1..{MAX_BATCH_SIZE} (got {cfg.predict.batch_size})")
     if not 0 <= cfg.serve.port <= 65535:

@@ -42,7 +42,7 @@ from .families import Family, family_class
 from .families.common import GENERATE_NOT_FOR_ENCODERS, MULTI_LABEL_SEQ2SEQ_ONLY, softmax
 from .models import load_base, prompt_spec, resolve_model_name
 from .prompt import LABEL_SEPARATOR, MAX_SCORED_LABELS, PromptSpec, format_target, label_sets
-from .quantize import INT8, int8_device, quantize_int8
+from .quantize import int8_device, reduce_precision
 
 INVALID = "invalid"
 DEFAULT_THRESHOLD = 0.5
@@ -331,8 +331,8 @@ def classifier_from_config(
 
 def _quantized(clf: Classifier, quantize: str) -> Classifier:
     """The classifier with its (merged) model quantized in place when ``predict.quantize`` asks for it."""
-    if quantize == INT8:
-        quantize_int8(clf.model)
+    if quantize != "none":
+        reduce_precision(clf.model, quantize)
         clf.family.invalidate()
     return clf
 

@@ -11,8 +11,13 @@ slower than fp32 (pytorch/ao issues 3157 and 4365), while ``quantize_dynamic`` i
 ran flan-t5-small's score mode 2.1x as fast as fp32 (docs/BENCHMARKS.md). It is called in one place,
 :func:`quantize_int8`, so moving to another backend is one function.
 
-``evaluate`` and ``compare`` with ``--quantize int8`` run the fp32 model and its int8 twin on the same
-examples and report how often they agree (:func:`int8_rows`).
+``--quantize bf16`` instead casts the whole model to bfloat16 on the CPU (:func:`to_bf16`): CPUs with AMX-BF16
+or AVX512-BF16 run its matmuls several times faster than fp32 (docs/BENCHMARKS.md). The scorers still sum
+label log-probabilities in fp32.
+
+``evaluate`` and ``compare`` with ``--quantize int8`` or ``bf16`` run the fp32 model and its reduced-precision
+twin on the same examples and report how often they agree (:func:`int8_rows`; ``report["int8"]`` holds the rows
+of either precision).
 """
 
 from __future__ import annotations
@@ -24,18 +29,36 @@ from collections.abc import Sequence
 from .errors import LoratuneError
 
 INT8 = "int8"
+BF16 = "bf16"
+PRECISIONS = (INT8, BF16)
 NOT_ON_GPU = "--quantize int8 runs on the CPU only (dynamic int8 kernels); drop --quantize on {device}, or use the CPU"
+BF16_NOT_ON_GPU = "--quantize bf16 is for the CPU (a GPU already runs the model in bf16); drop --quantize on {device}"
 
 
 def int8_device(quantize: str, device: str | None) -> str | None:
-    """The device to load on: the CPU for int8 unless one was named (a GPU then is an error)."""
-    if quantize not in ("none", INT8):
-        raise LoratuneError(f"predict.quantize (--quantize) must be none or {INT8}, got {quantize!r}")
-    if quantize != INT8:
+    """The device to load on: the CPU for int8 and bf16 unless one was named (a GPU then is an error)."""
+    if quantize not in ("none", *PRECISIONS):
+        raise LoratuneError(f"predict.quantize (--quantize) must be none, {INT8} or {BF16}, got {quantize!r}")
+    if quantize == "none":
         return device
     if device is not None and not str(device).startswith("cpu"):
-        raise LoratuneError(NOT_ON_GPU.format(device=device))
+        raise LoratuneError((NOT_ON_GPU if quantize == INT8 else BF16_NOT_ON_GPU).format(device=device))
     return "cpu"
+
+
+def reduce_precision(model, precision: str):
+    """``model`` in ``precision`` (int8 or bf16), in place (returned for chaining)."""
+    return quantize_int8(model) if precision == INT8 else to_bf16(model)
+
+
+def to_bf16(model):
+    """``model`` cast to bfloat16 on the CPU, in place (returned for chaining)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        raise LoratuneError(BF16_NOT_ON_GPU.format(device=device))
+    return model.to(torch.bfloat16)
 
 
 def quantize_int8(model):
@@ -101,14 +124,14 @@ def is_int8(model) -> bool:
     return any(isinstance(m, dynamic) for m in modules) and not any(type(m) is torch.nn.Linear for m in modules)
 
 
-def int8_twin(classifier):
-    """A new Classifier over an int8 copy of ``classifier``'s model (same prompts and settings)."""
+def int8_twin(classifier, precision: str = INT8):
+    """A new Classifier over an int8 (or bf16) copy of ``classifier``'s model (same prompts and settings)."""
     from .predict import Classifier
 
     family = classifier.family
-    model = quantize_int8(copy.deepcopy(family.model))
+    model = reduce_precision(copy.deepcopy(family.model), precision)
     twin_family = type(family)(model, family.tokenizer, family.spec)
-    return Classifier(twin_family, classifier.settings, meta=classifier.meta, name=f"{classifier.name} {INT8}")
+    return Classifier(twin_family, classifier.settings, meta=classifier.meta, name=f"{classifier.name} {precision}")
 
 
 def agreement(fp32: Sequence, int8: Sequence) -> dict:
@@ -122,7 +145,7 @@ def agreement(fp32: Sequence, int8: Sequence) -> dict:
     return out
 
 
-def int8_rows(fp32_results, int8_results) -> list[dict]:
+def int8_rows(fp32_results, int8_results, precision: str = INT8) -> list[dict]:
     """report["int8"]: per (model, mode), agreement with fp32 and the speed ratio measured in the same run."""
     rows = []
     for a, b in zip(fp32_results, int8_results):
@@ -130,6 +153,7 @@ def int8_rows(fp32_results, int8_results) -> list[dict]:
             {
                 "model": a.name,
                 "int8_model": b.name,
+                "precision": precision,
                 "mode": a.mode,
                 **agreement(a.predictions, b.predictions),
                 "speedup": b.metrics["examples_per_s"] / a.metrics["examples_per_s"] if a.metrics["examples_per_s"] else None,
@@ -146,12 +170,13 @@ def describe(row: dict) -> str:
     """One line for the console and report.md."""
     speed = f"; {row['speedup']:.2f}x the fp32 examples/s" if row.get("speedup") else ""
     probs = f"; probabilities within {row['max_prob_diff']:.3f}" if "max_prob_diff" in row else ""
+    precision = row.get("precision", INT8)
     warn = (
-        f" (below {100 * LOW_AGREEMENT:.0f}%: int8 changes this model's answers; check before deploying it)"
+        f" (below {100 * LOW_AGREEMENT:.0f}%: {precision} changes this model's answers; check before deploying it)"
         if row["top1_agreement"] < LOW_AGREEMENT
         else ""
     )
     return (
-        f"int8 vs fp32 ({row['model']}, {row['mode']}): same prediction on {100 * row['top1_agreement']:.1f}% "
+        f"{precision} vs fp32 ({row['model']}, {row['mode']}): same prediction on {100 * row['top1_agreement']:.1f}% "
         f"of {row['n']} examples{probs}{speed}{warn}"
     )

@@ -74,7 +74,9 @@ class ModelInfo(BaseModel):
     multi_label: bool
     base_model: str
     default: bool
-    quantize: str = Field("none", description="none, or int8: the merged model's Linear layers run in dynamic int8 (CPU).")
+    quantize: str = Field(
+        "none", description="none, int8 (the merged model's Linear layers in dynamic int8) or bf16 (the merged model in bfloat16); CPU."
+    )
 
 
 class ModelsResponse(BaseModel):
