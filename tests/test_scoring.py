@@ -247,12 +247,13 @@ def test_fused_path_only_for_plain_or_int8_linear_layers(lora_models):
     assert fused_t5(merged) is fused_t5(merged)  # built once per model
 
 
-def test_half_precision_keeps_the_module_path(base):
+def test_fp16_keeps_the_module_path(base):
     from loratune.scoring import T5LabelScorer
 
     model, _ = base
-    half = copy.deepcopy(model).to(torch.bfloat16).eval()
+    half = copy.deepcopy(model).to(torch.float16).eval()
     assert T5LabelScorer(half, [[5, 1], [6, 1]]).fused is None  # transformers' T5 clamps fp16 overflow; the fused path does not
+    assert T5LabelScorer(half.to(torch.bfloat16), [[5, 1], [6, 1]]).fused is not None  # bf16 has fp32's range
     assert T5LabelScorer(model, [[5, 1], [6, 1]]).fused is not None
 
 

@@ -106,10 +106,10 @@ class T5LabelScorer:
         config = model.config
         self.scale = config.d_model**-0.5 if getattr(config, "scale_decoder_outputs", False) else None
         self.trie = build_label_trie(label_ids, config.decoder_start_token_id).to(next(model.parameters()).device)
-        # Plain or int8 Linear layers in eval mode, fp32: the fused kernels of t5_fused (same scores, less time).
-        # fp16/bf16 keep transformers' modules, whose T5 clamps fp16 activations that would overflow.
-        fp32 = model.get_input_embeddings().weight.dtype == torch.float32
-        self.fused = None if model.training or not fp32 else fused_t5(model)
+        # Plain or int8 Linear layers in eval mode: the fused kernels of t5_fused (same scores, less time). fp16
+        # keeps transformers' modules, whose T5 clamps fp16 activations that would overflow (fp32/bf16 need not).
+        fp16 = model.get_input_embeddings().weight.dtype == torch.float16
+        self.fused = None if model.training or fp16 else fused_t5(model)
         self._masks: dict = {}
 
     @property

@@ -82,7 +82,7 @@ def load_pool(
     **overrides,
 ) -> ModelPool:
     """Load the adapters over one base model with the ``predict`` settings (``overrides`` replace single fields).
-    A single adapter is merged into the base (same scores, faster), and quantized with ``quantize=int8``."""
+    A single adapter is merged into the base (same scores, faster), and quantized with ``quantize=int8`` (or cast with ``bf16``)."""
     settings = dataclasses.replace(settings or PredictConfig(), **overrides)
     check_adapters(adapters, base_model, settings.quantize)
     if len(adapters) == 1:
