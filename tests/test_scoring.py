@@ -222,12 +222,17 @@ def _fused_and_module_scores(model, tokenizer, labels):
     return fused, scorer.score(inputs["input_ids"], inputs["attention_mask"])
 
 
+@pytest.mark.parametrize("absorbed", [True, False])
 @pytest.mark.parametrize("name", ["default", "shared prefixes", "multi-token"])
-def test_fused_path_matches_the_module_path(lora_models, base, name):
+def test_fused_path_matches_the_module_path(lora_models, base, name, absorbed, monkeypatch):
+    from loratune import t5_fused
+
+    seen = []
+    monkeypatch.setattr(t5_fused, "absorbs", lambda *args: seen.append(args) or absorbed)  # both cross-attentions
     _, tokenizer = base
     fused, module = _fused_and_module_scores(lora_models[1], tokenizer, LABEL_SETS[name])
     torch.testing.assert_close(fused, module, rtol=0, atol=1e-4)
-    assert torch.equal(fused.argmax(1), module.argmax(1))
+    assert torch.equal(fused.argmax(1), module.argmax(1)) and seen
 
 
 def test_fused_int8_path_is_bit_identical_to_the_module_path(lora_models, base):
@@ -245,6 +250,13 @@ def test_fused_path_only_for_plain_or_int8_linear_layers(lora_models):
     peft_model, merged = lora_models
     assert fused_t5(peft_model.base_model.model) is None  # unmerged LoRA layers keep the module path
     assert fused_t5(merged) is fused_t5(merged)  # built once per model
+
+
+def test_absorbed_cross_attention_only_where_it_costs_less():
+    from loratune.t5_fused import absorbs
+
+    assert absorbs(6, 75, 64)  # 5 one-token labels after a ticket: 6 trie nodes
+    assert not absorbs(300, 900, 64)  # 151 labels: hundreds of nodes
 
 
 def test_fp16_keeps_the_module_path(base):

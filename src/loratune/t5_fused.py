@@ -97,6 +97,9 @@ class FusedT5:
         # the same kernel the fused int8 path is bit-identical to the module path.
         floats = self.cross_kv.packed is None
         self.act = _gated_gelu if floats and _is_tanh_gelu(encoder.block[0].layer[-1].DenseReluDense) else None
+        # Float models: each cross-attention's key and value weights by head, (H, d, D), for absorbed attention.
+        shape = (self.n_heads, self.d_kv, -1)
+        self.cross_w = [(a.k.weight.detach().view(shape), a.v.weight.detach().view(shape)) for a in cross] if floats else None
 
 
 def _layer(block, cross: bool) -> dict:
@@ -208,16 +211,49 @@ def decode(fused: FusedT5, decoder, tokens, self_mask, encoded, cross_mask) -> t
     h, d = fused.n_heads, fused.d_kv
     b, t = cross_mask.shape[0], cross_mask.shape[-1]
     n = tokens.shape[0]
-    kv = _unpack(fused.cross_kv(encoded[0]), encoded[1], b, t)  # padding keys are zeros, masked out
-    kv = _split_heads(kv, 2 * len(fused.dec) * h, d).split(h, dim=-3)  # (B, H, T, d) each
+    # Few trie nodes against a long prompt: attend through the key/value weights (absorbed) instead of projecting
+    # every encoder position into every layer's keys and values: H*N*(d+T)*D multiply-adds per layer, not T*D*2D.
+    absorb = fused.cross_w is not None and absorbs(n, t, d)
+    if absorb:
+        enc = _unpack(encoded[0], encoded[1], b, t)  # (B, T, D), zeros at padding (masked out)
+        enc_t, mask = enc.transpose(1, 2).contiguous(), cross_mask.view(b, 1, t)  # once for every layer
+    else:
+        kv = _unpack(fused.cross_kv(encoded[0]), encoded[1], b, t)  # padding keys are zeros, masked out
+        kv = _split_heads(kv, 2 * len(fused.dec) * h, d).split(h, dim=-3)  # (B, H, T, d) each
     hidden = decoder.embed_tokens(tokens)[None]  # (1, N, D): every prompt's nodes are the same until cross-attn
     for i, (block, layer) in enumerate(zip(decoder.block, fused.dec)):
         x = block.layer[0].layer_norm(hidden)
         q, k, v = _split_heads(layer["qkv"](x), 3 * h, d).split(h, dim=-3)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask, scale=1.0)
         hidden = hidden + layer["o"](_merge_heads(a))
-        q = _split_heads(layer["cq"](block.layer[1].layer_norm(hidden)), h, d).expand(b, h, n, d)
-        a = F.scaled_dot_product_attention(q, kv[2 * i], kv[2 * i + 1], attn_mask=cross_mask, scale=1.0)
+        q = _split_heads(layer["cq"](block.layer[1].layer_norm(hidden)), h, d)
+        if absorb:
+            a = _absorbed_cross_attention(q, *fused.cross_w[i], enc, enc_t, mask)
+        else:
+            a = F.scaled_dot_product_attention(q.expand(b, h, n, d), kv[2 * i], kv[2 * i + 1], attn_mask=cross_mask, scale=1.0)
         hidden = hidden + layer["co"](_merge_heads(a))
         hidden = hidden + _gated(layer, fused.act, block.layer[2].layer_norm(hidden))
     return decoder.final_layer_norm(hidden)
+
+
+def absorbs(nodes: int, length: int, d_kv: int) -> bool:
+    """Absorbed cross-attention costs less than projecting the keys and values when N (d + T) < T d."""
+    return nodes * (d_kv + length) < length * d_kv
+
+
+def _absorbed_cross_attention(q, wk, wv, enc, enc_t, mask):
+    """T5 cross-attention (no scaling, no bias) with the key and value projections moved onto the queries:
+    ``softmax(q (Wk e)^T) (Wv e) = (softmax((q Wk) e^T) e) Wv^T`` per head, exact up to float rounding.
+
+    ``q`` (1 or B, H, N, d); ``wk``/``wv`` (H, d, D); ``enc`` (B, T, D) and ``enc_t``, its contiguous transpose;
+    ``mask`` (B, 1, T) additive. -> (B, H, N, d)
+    """
+    bq, h, n, d = q.shape
+    b, _, dim = enc.shape
+    qk = torch.bmm(q.permute(1, 0, 2, 3).reshape(h, bq * n, d), wk)  # (H, Bq*N, D)
+    qk = qk.view(h, bq, n, dim).permute(1, 0, 2, 3).reshape(bq, h * n, dim).expand(b, h * n, dim)
+    scores = torch.baddbmm(mask, qk, enc_t) if bq == b else torch.bmm(qk, enc_t).add_(mask)
+    exact = torch.promote_types(enc.dtype, torch.float32)  # bf16 scores are normalised in fp32, fp64 in fp64
+    ctx = torch.bmm(scores.softmax(-1, dtype=exact).to(enc.dtype), enc)  # (B, H*N, D)
+    ctx = ctx.view(b, h, n, dim).permute(1, 0, 2, 3).reshape(h, b * n, dim)
+    return torch.bmm(ctx, wv.transpose(1, 2)).view(h, b, n, d).permute(1, 0, 2, 3)  # (B, H, N, d)
