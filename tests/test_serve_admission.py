@@ -67,6 +67,16 @@ def test_admission_lets_everything_in_while_loading_or_unbounded():
     assert admission.enter() is None and state.refused == 0
 
 
+def _stall(app, sockets, head: bytes) -> None:
+    """Each socket sends a request's headers and only part of its body; returns once the server let them all in."""
+    for sock in sockets:
+        sock.sendall(head + b'{"text"')
+    deadline = time.monotonic() + WAIT
+    while app.state.admission.admitted < len(sockets):
+        assert time.monotonic() < deadline, "the stalled requests were never let in"
+        time.sleep(0.01)
+
+
 def test_requests_still_arriving_count_and_the_refusal_comes_before_parsing(classifier):
     # max_queue 1 + batch 4 (the classifier's): 5 requests may be in. Five connections send their headers and
     # only part of the body: nothing is queued yet (the old check, queued texts, let a sixth in).
@@ -76,12 +86,7 @@ def test_requests_still_arriving_count_and_the_refusal_comes_before_parsing(clas
         host, port = url.removeprefix("http://").split(":")
         stalled = [socket.create_connection((host, int(port))) for _ in range(5)]
         try:
-            for sock in stalled:
-                sock.sendall(head + b'{"text"')
-            deadline = time.monotonic() + WAIT
-            while app.state.admission.admitted < 5:
-                assert time.monotonic() < deadline, "the stalled requests were never let in"
-                time.sleep(0.01)
+            _stall(app, stalled, head)
             assert stats(url)["queued_texts"] == 0
             # Not even valid JSON: refused unread, so a 503, not a 400 malformed_json.
             reply, _ = raw_exchange(url, head + b"not json at all!!!!!", WAIT)
@@ -236,12 +241,7 @@ def test_pipelined_requests_count_against_the_bound_each(classifier):
             time.sleep(0.01)
         stalled = [socket.create_connection((host, int(port))) for _ in range(5)]  # the bound: 1 queued + 1 batch of 4
         try:
-            for sock in stalled:
-                sock.sendall(head + b'{"text"')
-            wait_for = time.monotonic() + WAIT
-            while app.state.admission.admitted < 5:
-                assert time.monotonic() < wait_for, "the stalled requests were never let in"
-                time.sleep(0.01)
+            _stall(app, stalled, head)
             with socket.create_connection((host, int(port))) as sock:  # full: a probe, then a classify behind it
                 sock.settimeout(WAIT)
                 sock.sendall(_pipelined(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", _classify_bytes("pipelined past the bound")))
