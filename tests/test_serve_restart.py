@@ -35,6 +35,8 @@ def test_a_killed_model_process_answers_503_then_is_restarted_and_serves_again(t
     app = create_app(pool_loader({"default": trained.adapter_dir}, cfg), max_wait_ms=0, max_queue=16)
     with serving(app) as (url, _), ThreadPoolExecutor(4) as pool:
         assert post(url, ["before the crash"]).status_code == 200
+        (info,) = httpx.get(f"{url}/v1/models").json()["models"]  # metadata from the model process (was a 500)
+        assert info["quantize"] == "none" and info["labels"]
         old_pid = app.state.pool.pid
         # Hold the child (SIGSTOP) so that one request is in its forward pass and one waits in the queue, then kill it.
         os.kill(old_pid, signal.SIGSTOP)
@@ -90,6 +92,44 @@ def test_a_model_process_that_cannot_start_again_gives_up_after_its_attempts_wit
     assert "did not start again in 2 attempts" in str(gave_up[0])
     attempts = [r.getMessage() for r in caplog.records if "model_process_restart" in r.getMessage()]
     assert len(attempts) == 2 and all('"ok": false' in a for a in attempts)
+
+
+def test_a_model_process_that_keeps_dying_after_starting_is_not_restarted_forever(trained):
+    workers = WorkerPool(functools.partial(load_pool, {"default": trained.adapter_dir}), threads=1, restarts=1, backoff_s=0.05)
+    gave_up: list[BaseException] = []
+    done = threading.Event()
+    workers.on_give_up = lambda exc: (gave_up.append(exc), done.set())
+    try:
+        first = workers.pid
+        os.kill(first, signal.SIGKILL)  # one death: restarted
+        deadline = time.monotonic() + RESTART_WAIT
+        while not (workers.ready and workers.pid != first):
+            assert time.monotonic() < deadline and not done.is_set(), "the first death was not restarted"
+            time.sleep(0.05)
+        os.kill(workers.pid, signal.SIGKILL)  # a second death within the window: more than restarts=1
+        assert done.wait(RESTART_WAIT), "the pool restarted a child that keeps dying"
+        assert not workers.ready and workers.restarts == 1
+    finally:
+        workers.close()
+    assert "stopped 2 times within 300 s" in str(gave_up[0])
+
+
+def test_close_does_not_wait_forever_for_a_hung_forward_pass(trained):
+    workers = WorkerPool(functools.partial(load_pool, {"default": trained.adapter_dir}), threads=1)
+    os.kill(workers.pid, signal.SIGSTOP)  # the child hangs: the next batch never comes back
+    with ThreadPoolExecutor(1) as pool:
+        batch = pool.submit(workers.predict, "default", ["never answered"], "score")
+        time.sleep(0.5)  # the batch holds the pipe
+        started = time.monotonic()
+        workers.close(timeout_s=1.0)
+        assert time.monotonic() - started < 30  # was: blocked for as long as the child hung
+        try:
+            batch.result(timeout=30)
+        except ModelUnavailable:
+            pass  # the killed child ends the batch's wait with the usual 503 error
+        else:
+            raise AssertionError("a batch the hung child never answered got a result")
+    assert not workers._process.is_alive()
 
 
 def test_the_model_process_runs_at_the_niceness_asked_for(trained):

@@ -33,7 +33,7 @@ from .schemas import (
     error_responses,
     to_classification,
 )
-from .worker import ModelUnavailable
+from .worker import ClassifierInfo, ModelUnavailable
 
 log = logging.getLogger("loratune.serve")
 
@@ -348,7 +348,7 @@ def _add_model_routes(app: FastAPI) -> None:
                     multi_label=c.multi_label,
                     base_model=c.meta.base_model_requested or c.meta.base_model,
                     default=name == pool.default,
-                    quantize=c.settings.quantize,
+                    quantize=c.quantize if isinstance(c, ClassifierInfo) else c.settings.quantize,
                 )
                 for name, c in pool.classifiers.items()
             ]

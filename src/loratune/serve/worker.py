@@ -38,6 +38,10 @@ class ModelUnavailable(LoratuneError):
     """The model process stopped; the request was not computed (the pool is restarting it)."""
 
 
+DEATH_WINDOW_S = 300.0
+"""More deaths than ``restarts`` within this many seconds: the server gives up instead of restarting again."""
+
+
 @dataclass
 class ClassifierInfo:
     """What the app reads of a classifier living in the worker process."""
@@ -46,6 +50,7 @@ class ClassifierInfo:
     multi_label: bool
     meta: object
     batch_size: int
+    quantize: str = "none"
 
 
 def model_threads(cpus: int | None = None) -> int:
@@ -139,17 +144,35 @@ class WorkerPool:
         return predictions
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop the child (after the batch it is running, if any), and any restart under way."""
+        """Stop the child (after the batch it is running, if any, for up to ``timeout_s``), and any restart under way."""
         self._stopping.set()
+        if self._lock.acquire(timeout=timeout_s):
+            try:
+                _stop(self._conn, self._process, timeout_s)
+            finally:
+                self._lock.release()
+            return
+        # A batch still holds the pipe after timeout_s (a hung forward pass): kill the child, which ends that
+        # batch's wait with an error, then close the pipe once the batch has let go of it.
+        self._process.kill()
         with self._lock:
-            _stop(self._conn, self._process, timeout_s)
+            self._process.join()
+            self._conn.close()
 
     def _watch(self) -> None:
-        """Wait for the child to end; unless the pool is closing, restart it."""
+        """Wait for the child to end; unless the pool is closing, restart it. A child that keeps dying after it
+        started (a request that crashes it, say) is not restarted forever: more than ``restarts`` deaths within
+        ``DEATH_WINDOW_S`` stop the server as failed starts do."""
+        deaths: list[float] = []
         while True:
             process = self._process
             multiprocessing.connection.wait([process.sentinel])
             if self._stopping.is_set():
+                return
+            now = time.monotonic()
+            deaths = [t for t in deaths if now - t < DEATH_WINDOW_S] + [now]
+            if len(deaths) > self._restarts:
+                self._give_up(f"the model process stopped {len(deaths)} times within {DEATH_WINDOW_S:.0f} s")
                 return
             process.join(1.0)
             self.ready = False
@@ -189,12 +212,16 @@ class WorkerPool:
             event = {"event": "model_process_restart", "attempt": attempt, "ok": True, "pid": process.pid}
             log.warning(json.dumps({**event, "load_s": round(time.perf_counter() - started, 2)}))
             return True
-        error = LoratuneError(f"the model process stopped and did not start again in {self._restarts} attempts; see the log above")
+        self._give_up(f"the model process stopped and did not start again in {self._restarts} attempts")
+        return False
+
+    def _give_up(self, why: str) -> None:
+        self.ready = False
+        error = LoratuneError(f"{why}; see the log above")
         self._down = str(error)
-        log.error(json.dumps({"event": "model_process_gave_up", "attempts": self._restarts}))
+        log.error(json.dumps({"event": "model_process_gave_up", "why": why}))
         if self.on_give_up is not None:
             self.on_give_up(error)
-        return False
 
 
 def _receive(conn, process) -> tuple:
@@ -237,7 +264,7 @@ def _serve(conn, load: Callable[[], object], threads: int | None, nice: int = 0)
         conn.send(("error", _portable(exc)))
         return
     infos = {
-        name: ClassifierInfo(c.labels, c.multi_label, c.meta, c.batch_size)
+        name: ClassifierInfo(c.labels, c.multi_label, c.meta, c.batch_size, c.settings.quantize)
         for name, c in pool.classifiers.items()  # type: ignore[attr-defined]
     }
     conn.send(("ready", infos))
