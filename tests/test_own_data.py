@@ -99,8 +99,8 @@ def test_later_commands_reuse_the_remembered_fields_and_pass_ids_through(own, cl
 def test_abstain_gives_the_fallback_label_below_the_confidence_floor(own, cli):
     # Three labels: a top probability is at least 1/3, so a floor of 0.99 abstains on (nearly) everything here.
     result = cli(
-        "predict", "--input", own["test"], "--adapter", own["adapter"], "--json", "--min-confidence", 0.99, "--fallback-label", "account"
-    )
+        "predict", "--input", own["test"], "--adapter", own["adapter"], "--json", "--min-confidence", 0.99, "--fallback-label", "ACCOUNT"
+    )  # labels compare case-insensitively: ACCOUNT is the label set's "account", and answers are spelled as it is
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     for r in rows:
         top = max(r["scores"].values())
@@ -108,6 +108,20 @@ def test_abstain_gives_the_fallback_label_below_the_confidence_floor(own, cli):
     bad = cli("predict", "x", "--adapter", own["adapter"], "--min-confidence", 0.5, "--fallback-label", "oos", ok=False)
     # (main() turns a LoratuneError into one line and exit 2; the app itself raises it.)
     assert isinstance(bad.exception, LoratuneError) and "is not one of the labels" in str(bad.exception)
+
+
+def test_calibrate_from_python_takes_labels_and_the_fallback_in_any_case(own, demo_rows):
+    from loratune.calibrate import calibrate_abstain
+    from loratune.data import Example
+    from loratune.predict import Classifier
+
+    clf = Classifier.from_pretrained(own["adapter"])
+    rows = [r for r in demo_rows["val"] if r["label"] in clf.labels][:12]
+    upper = calibrate_abstain(clf, [Example(r["text"], r["label"].upper()) for r in rows], "ACCOUNT")  # was a ValueError
+    lower = calibrate_abstain(clf, [Example(r["text"], r["label"]) for r in rows], "account")
+    assert upper == lower and upper["n"] == len(rows)
+    with pytest.raises(LoratuneError, match="not one of the adapter's labels"):
+        calibrate_abstain(clf, [Example("x", "technical")], "account")
 
 
 def test_a_multi_label_adapter_never_predicts_a_label_its_data_did_not_have(tmp_path, tiny_t5, cli):

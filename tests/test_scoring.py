@@ -269,6 +269,16 @@ def test_fp16_keeps_the_module_path(base):
     assert T5LabelScorer(model, [[5, 1], [6, 1]]).fused is not None
 
 
+def test_fused_weights_follow_a_cast_in_place(base):
+    from loratune.t5_fused import fused_t5
+
+    model = copy.deepcopy(base[0])
+    before = fused_t5(model)
+    model.to(torch.bfloat16)  # same parameters, new storage and dtype
+    after = fused_t5(model)
+    assert after is not before and after.cross_kv.weight.dtype == torch.bfloat16
+
+
 def test_fused_weights_follow_a_weight_change(base):
     model, tokenizer = base
     model = copy.deepcopy(model)

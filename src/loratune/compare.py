@@ -163,8 +163,10 @@ def compare(
 
 def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required: bool) -> None:
     """The frozen-embedding row, fit on the adapter's recorded training file (read with its recorded fields)."""
+    from dataclasses import replace
+
     from .baseline import default_embedding_model, run_baseline
-    from .data import read_examples
+    from .data import example_labels, normalize_label, read_examples
 
     model = cfg.predict.baseline_model or default_embedding_model()
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
@@ -182,14 +184,16 @@ def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required
         report["baseline_skipped"] = problem
         return
     fields = clf.spec.fields
-    train = [
-        e
-        for e in read_examples(
-            train_path, fields.get("text_field", "text"), fields.get("label_field", "label"), clf.multi_label, cfg.data.label_delimiter
-        )
-        if (e.label in clf.labels if isinstance(e.label, str) else set(e.label) <= set(clf.labels))
-    ]
+    shown_as = {normalize_label(label): label for label in clf.labels}  # "BILLING" in the file is the label "Billing"
+    train = []
+    for e in read_examples(
+        train_path, fields.get("text_field", "text"), fields.get("label_field", "label"), clf.multi_label, cfg.data.label_delimiter
+    ):
+        labels = [shown_as.get(normalize_label(label)) for label in example_labels(e)]
+        if None not in labels:  # rows outside the adapter's label set (e.g. dropped with --labels) are left out
+            train.append(replace(e, label=labels[0] if isinstance(e.label, str) else tuple(labels)))
     fallback = cfg.predict.fallback_label or clf.meta.fallback_label
+    fallback = shown_as.get(normalize_label(fallback), fallback) if fallback else None
     metrics = run_baseline(train, examples, clf.labels, model, multi_label=clf.multi_label, fallback_label=fallback)
     metrics.pop("model", None)
     report["results"].append({"model": "embeddings+logreg", "mode": "score", **metrics})

@@ -135,13 +135,17 @@ class Classifier:
         if settings.mode not in ("score", "generate"):
             raise LoratuneError(f"--mode must be score or generate, got {settings.mode!r}")
         family.check(settings.mode)
-        self.family, self.settings, self.meta, self.name = family, settings, meta, name
+        self.family, self.meta, self.name = family, meta, name
         self._normalized = {normalize_label(label): label for label in self.labels}
-        if settings.fallback_label is not None and settings.fallback_label not in self.labels:
-            raise LoratuneError(
-                f"--fallback-label {settings.fallback_label!r} is not one of the labels "
-                f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})"
-            )
+        if settings.fallback_label is not None:  # "OOS" is the label set's "oos", as labels compare
+            fallback = self._normalized.get(normalize_label(settings.fallback_label))
+            if fallback is None:
+                raise LoratuneError(
+                    f"--fallback-label {settings.fallback_label!r} is not one of the labels "
+                    f"({', '.join(self.labels[:8])}{', ...' if len(self.labels) > 8 else ''})"
+                )
+            settings = dataclasses.replace(settings, fallback_label=fallback)
+        self.settings = settings
 
     # -- what it is --------------------------------------------------------------------------------------
     @property

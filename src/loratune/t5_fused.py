@@ -133,7 +133,8 @@ def _fingerprint(model) -> tuple:
     out, dynamic = [], _dynamic_linear_type()
     for m in model.modules():
         if type(m) is torch.nn.Linear:
-            out.append((id(m.weight), m.weight._version))
+            w = m.weight  # a .to(dtype/device) or a .data swap keeps the id and version: the storage tells
+            out.append((id(w), w._version, w.data_ptr(), w.dtype, w.device))
         elif dynamic is not None and type(m) is dynamic:
             out.append(id(m._packed_params._packed_params))
     return tuple(out)
