@@ -32,7 +32,9 @@ INT8 = "int8"
 BF16 = "bf16"
 PRECISIONS = (INT8, BF16)
 NOT_ON_GPU = "--quantize int8 runs on the CPU only (dynamic int8 kernels); drop --quantize on {device}, or use the CPU"
-BF16_NOT_ON_GPU = "--quantize bf16 is for the CPU (on a GPU, predictions use bf16 or fp16 where the card supports them); drop --quantize on {device}"
+BF16_NOT_ON_GPU = (
+    "--quantize bf16 is for the CPU (on a GPU, predictions use bf16 or fp16 where the card supports them); drop --quantize on {device}"
+)
 
 
 def int8_device(quantize: str, device: str | None) -> str | None:
