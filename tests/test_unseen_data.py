@@ -65,6 +65,13 @@ def test_a_second_field_that_never_repeats_is_not_taken_for_the_label():
     assert detect_fields(rows, "text", "label", set(), "f") == ("text", "label", None)  # the reader's missing-field error
 
 
+def test_an_id_or_a_one_word_column_is_not_taken_for_the_text():
+    ids = [{"id": f"r{i}", "label": y} for i, (_, y) in enumerate(ROWS)]
+    assert detect_fields(ids, "text", "label", set(), "f")[0] == "text"  # no text here: the reader's missing-field error
+    words = [{"a": "positive" if i % 2 else "negative", "b": i % 2} for i in range(len(ROWS))]
+    assert detect_fields(words, "text", "label", set(), "f")[:2] == ("text", "label")  # not a = text, b = label
+
+
 def test_plain_text_and_label_say_nothing():
     assert detect_fields([{"text": "a", "label": "b", "intent": "c"}], "text", "label", set(), "f") == ("text", "label", None)
 

@@ -85,7 +85,7 @@ def _by_name(keys: list, names: tuple[str, ...], role: str, flag: str, source: s
 
 
 def _by_shape(keys: list, rows: list[dict], text, label):
-    """In a two-field file: the text is the longer string field, the label the one with fewer distinct values."""
+    """In a two-field file: the text is the longer string field of words, the label the one with fewer distinct values."""
     if len(keys) != 2:
         return text, label
     a, b = keys
@@ -96,16 +96,20 @@ def _by_shape(keys: list, rows: list[dict], text, label):
         mean = sum(len(v) for v in strings) / max(len(strings), 1)
         return len(strings) == len(values), mean, len({str(v) for v in values})
 
+    def prose(key):  # text has words: an id, a code or a one-word category does not
+        values = [r.get(key) for r in rows]
+        return sum(isinstance(v, str) and len(v.split()) > 1 for v in values) * 2 >= len(values)
+
     (a_str, a_len, a_distinct), (b_str, b_len, b_distinct) = shape(a), shape(b)
     if text is None and label is None:
-        if a_str and a_len > b_len and a_distinct >= b_distinct and b_distinct < len(rows):
+        if a_str and prose(a) and a_len > b_len and a_distinct >= b_distinct and b_distinct < len(rows):
             return a, b
-        if b_str and b_len > a_len and b_distinct >= a_distinct and a_distinct < len(rows):
+        if b_str and prose(b) and b_len > a_len and b_distinct >= a_distinct and a_distinct < len(rows):
             return b, a
         return None, None
     if text is None:
         other = b if label == a else a
-        return (other if shape(other)[0] else None), label
+        return (other if shape(other)[0] and prose(other) else None), label
     other = b if text == a else a
     return text, (other if shape(other)[2] < len(rows) else None)  # a label repeats; a unique note or id does not
 
