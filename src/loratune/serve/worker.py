@@ -174,10 +174,10 @@ class WorkerPool:
             if len(deaths) > self._restarts:
                 self._give_up(f"the model process stopped {len(deaths)} times within {DEATH_WINDOW_S:.0f} s")
                 return
-            process.join(1.0)
+            exitcode = _exit_status(process)
             self.ready = False
-            self._down = f"the model process stopped ({_how(process.exitcode)}); the server is restarting it"
-            log.warning(json.dumps({"event": "model_process_died", "pid": process.pid, "exit": _how(process.exitcode)}))
+            self._down = f"the model process stopped ({_how(exitcode)}); the server is restarting it"
+            log.warning(json.dumps({"event": "model_process_died", "pid": process.pid, "exit": _how(exitcode)}))
             if not self._restart():
                 return
 
@@ -228,8 +228,18 @@ def _receive(conn, process) -> tuple:
     try:
         return conn.recv()
     except (EOFError, OSError):
-        process.join(1.0)  # the pipe closes a moment before the exit status is known
-        raise LoratuneError(f"the model process stopped ({_how(process.exitcode)})") from None
+        raise LoratuneError(f"the model process stopped ({_how(_exit_status(process))})") from None
+
+
+def _exit_status(process, wait_s: float = 2.0):
+    """The dead child's exit code. The pipe closes a moment before it is known, and when two threads reap the
+    child at once (the watcher, a batch waiting on the pipe), the one that loses sees None until the other has
+    stored it: wait for it rather than report "exit status None"."""
+    process.join(wait_s)
+    deadline = time.monotonic() + wait_s
+    while process.exitcode is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process.exitcode
 
 
 def _how(code: int | None) -> str:
