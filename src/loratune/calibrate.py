@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .adapter import AdapterMeta
-from .data import Example, example_labels, normalize_label
+from .data import Example, example_labels, normalize_label, some_labels, spelled_as
 from .errors import LoratuneError
 from .evaluate import abstain_metrics, apply_abstain
 from .predict import DEFAULT_THRESHOLD, Classifier, decide_labels
@@ -141,15 +141,16 @@ def calibrate_abstain(
     classifier: Classifier, examples: Sequence[Example], fallback_label: str, target_in_scope_accuracy: float | None = None, progress=None
 ) -> dict:
     """Single-label: pick ``min_confidence`` on labelled (validation) examples; returns what was found."""
-    index = {normalize_label(label): i for i, label in enumerate(classifier.labels)}  # labels compare case-insensitively
-    if normalize_label(fallback_label) not in index:
-        raise LoratuneError(f"--fallback-label {fallback_label!r} is not one of the adapter's labels")
-    fallback_label = classifier.labels[index[normalize_label(fallback_label)]]
-    unknown = next((e for e in examples if normalize_label(e.label) not in index), None)
+    shown_as = spelled_as(classifier.labels)  # labels compare case-insensitively: "OOS" is "oos"
+    if normalize_label(fallback_label) not in shown_as:  # before scoring every example, not after
+        raise LoratuneError(f"--fallback-label {fallback_label!r} is not one of the adapter's labels ({some_labels(classifier.labels)})")
+    fallback_label = shown_as[normalize_label(fallback_label)]
+    unknown = next((e for e in examples if normalize_label(e.label) not in shown_as), None)
     if unknown is not None:
         raise LoratuneError(f"{unknown.source}:{unknown.line}: label {unknown.label!r} is not one of the adapter's labels")
     probs = classifier.predict_proba([e.text for e in examples], progress=progress)
-    gold = [index[normalize_label(e.label)] for e in examples]
+    position = {label: i for i, label in enumerate(classifier.labels)}
+    gold = [position[shown_as[normalize_label(e.label)]] for e in examples]
     _, found = calibrate_confidence(probs, gold, classifier.labels, fallback_label, target_in_scope_accuracy)
     return found
 

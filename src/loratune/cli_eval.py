@@ -306,15 +306,9 @@ def calibrate(
 
 def _calibrate_abstain(clf, adapter: Path, examples, path, fallback: str | None, target: float | None, json_out: bool):
     from .calibrate import calibrate_abstain, write_abstain
-    from .data import normalize_label
 
     if not fallback:
         raise LoratuneError("a single-label adapter is calibrated for abstaining: pass --fallback-label LABEL (e.g. oos)")
-    shown_as = {normalize_label(label): label for label in clf.labels}  # labels compare as the data's do: "OOS" is "oos"
-    if normalize_label(fallback) not in shown_as:  # before scoring every example, not after
-        shown = ", ".join(clf.labels[:8]) + (f", ... {len(clf.labels) - 8} more" if len(clf.labels) > 8 else "")
-        raise LoratuneError(f"--fallback-label {fallback!r} is not one of the adapter's labels ({shown})")
-    fallback = shown_as[normalize_label(fallback)]
     bar = progress(len(examples), "calibrate", clf.spec.input_name)
     found = calibrate_abstain(clf, examples, fallback, target, progress=bar.update)
     bar.close()

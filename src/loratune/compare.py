@@ -166,7 +166,7 @@ def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required
     from dataclasses import replace
 
     from .baseline import default_embedding_model, run_baseline
-    from .data import example_labels, normalize_label, read_examples
+    from .data import example_labels, normalize_label, read_examples, spelled_as
 
     model = cfg.predict.baseline_model or default_embedding_model()
     recorded = clf.meta.config.get("data", {}) if isinstance(clf.meta.config.get("data"), dict) else {}
@@ -184,7 +184,7 @@ def _add_baseline(report: dict, clf: Classifier, cfg: Config, examples, required
         report["baseline_skipped"] = problem
         return
     fields = clf.spec.fields
-    shown_as = {normalize_label(label): label for label in clf.labels}  # "BILLING" in the file is the label "Billing"
+    shown_as = spelled_as(clf.labels)  # "BILLING" in the file is the label "Billing"
     train = []
     for e in read_examples(
         train_path, fields.get("text_field", "text"), fields.get("label_field", "label"), clf.multi_label, cfg.data.label_delimiter

@@ -62,6 +62,16 @@ def normalize_label(label: str) -> str:
     return clean_label(label).casefold()
 
 
+def spelled_as(labels: Sequence[str]) -> dict[str, str]:
+    """Each label's comparison key (:func:`normalize_label`) -> the label as ``labels`` spell it."""
+    return {normalize_label(label): label for label in labels}
+
+
+def some_labels(labels: Sequence[str], n: int = 8) -> str:
+    """The first ``n`` labels, and how many more, for one-sentence messages about large label sets."""
+    return ", ".join(labels[:n]) + (f", ... {len(labels) - n} more" if len(labels) > n else "")
+
+
 def decode_file(path: Path) -> str:
     """File contents as text; non-UTF-8 bytes raise DataError naming the line."""
     try:
@@ -314,7 +324,7 @@ def check_labels(
     """The examples with every label spelled as in ``labels`` (labels compare case- and space-insensitively, so
     ``BILLING`` in a test file is the model's ``Billing``); DataError at the first label outside the set, counting
     the others (``fix``: what to do)."""
-    shown_as = {normalize_label(label): label for label in labels}
+    shown_as = spelled_as(labels)
     out, unknown = [], []
     for ex in examples:
         given = example_labels(ex)
@@ -324,9 +334,8 @@ def check_labels(
         out.append(ex if label == ex.label else replace(ex, label=label))
     if unknown:
         (ex, label), n = unknown[0], len(unknown)
-        shown = ", ".join(labels[:8]) + (f", ... {len(labels) - 8} more" if len(labels) > 8 else "")
         others = f"; {n - 1} more row(s) have labels outside the set" if n > 1 else ""
-        raise DataError(f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({shown}){others}; {fix}")
+        raise DataError(f"{ex.source}:{ex.line}: label {label!r} is not in the label set ({some_labels(labels)}){others}; {fix}")
     return out
 
 
@@ -360,8 +369,7 @@ def imbalance_warning(counts: Counter, labels: Sequence[str], ratio: float = 3.0
     """A warning when the most frequent label outnumbers the rarest by more than ``ratio``, or a label is absent."""
     missing = [label for label in labels if counts.get(label, 0) == 0]
     if missing:
-        shown = ", ".join(missing[:8]) + (f", ... {len(missing) - 8} more" if len(missing) > 8 else "")
-        return f"no training examples for {len(missing)} label(s): {shown}"
+        return f"no training examples for {len(missing)} label(s): {some_labels(missing)}"
     most, least = max(counts[x] for x in labels), min(counts[x] for x in labels)
     if most > ratio * least:
         rare = min(labels, key=lambda x: counts[x])

@@ -36,7 +36,7 @@ import numpy as np
 
 from .adapter import META_FILE, AdapterMeta, load_adapter
 from .config import Config, PredictConfig
-from .data import clean_label, normalize_label
+from .data import clean_label, normalize_label, spelled_as
 from .errors import LoratuneError
 from .families import Family, family_class
 from .families.common import GENERATE_NOT_FOR_ENCODERS, MULTI_LABEL_SEQ2SEQ_ONLY, softmax
@@ -136,7 +136,7 @@ class Classifier:
             raise LoratuneError(f"--mode must be score or generate, got {settings.mode!r}")
         family.check(settings.mode)
         self.family, self.meta, self.name = family, meta, name
-        self._normalized = {normalize_label(label): label for label in self.labels}
+        self._normalized = spelled_as(self.labels)
         if settings.fallback_label is not None:  # "OOS" is the label set's "oos", as labels compare
             fallback = self._normalized.get(normalize_label(settings.fallback_label))
             if fallback is None:
@@ -151,6 +151,11 @@ class Classifier:
     @property
     def spec(self) -> PromptSpec:
         return self.family.spec
+
+    @property
+    def quantize(self) -> str:
+        """none, int8 or bf16: what the model runs in (``serve.worker.ClassifierInfo`` carries the same)."""
+        return self.settings.quantize
 
     @property
     def labels(self) -> list[str]:

@@ -34,7 +34,7 @@ from .schemas import (
     error_responses,
     to_classification,
 )
-from .worker import ClassifierInfo, ModelUnavailable
+from .worker import ModelUnavailable
 
 log = logging.getLogger("loratune.serve")
 
@@ -353,7 +353,7 @@ def _add_model_routes(app: FastAPI) -> None:
                     multi_label=c.multi_label,
                     base_model=c.meta.base_model_requested or c.meta.base_model,
                     default=name == pool.default,
-                    quantize=c.quantize if isinstance(c, ClassifierInfo) else c.settings.quantize,
+                    quantize=c.quantize,
                 )
                 for name, c in pool.classifiers.items()
             ]

@@ -274,7 +274,7 @@ def _serve(conn, load: Callable[[], object], threads: int | None, nice: int = 0)
         conn.send(("error", _portable(exc)))
         return
     infos = {
-        name: ClassifierInfo(c.labels, c.multi_label, c.meta, c.batch_size, c.settings.quantize)
+        name: ClassifierInfo(c.labels, c.multi_label, c.meta, c.batch_size, c.quantize)
         for name, c in pool.classifiers.items()  # type: ignore[attr-defined]
     }
     conn.send(("ready", infos))
